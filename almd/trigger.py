@@ -1,0 +1,454 @@
+"""When to call the reference (DFT): a trigger over a stream of uncertainty scores.
+
+Pure logic over numbers: no torch, no ASE dynamics, no MD. The walker feeds one
+score per MD step (``Trigger.update(step, score)``) and acts on the returned
+:class:`Decision`. Every threshold is a force in eV/Å, because the scores are
+force uncertainties (max per-component posterior std of the Bayesian model, or
+the max per-atom force spread of an ensemble).
+
+Criteria (Callsen et al. 2026, methods.md §3; VASP ML_CTIFOR / ML_ICRITERIA):
+
+* relative: score > ``rel_factor`` × trajectory-averaged error (rolling mean of
+  the previous ``window`` scores);
+* absolute: score > the absolute threshold (``abs_cap``, or the adaptive one);
+* average: the trajectory-averaged error itself above ``target``;
+* emergency brake: score > ``hard_cap`` (or not finite) → stop the step, roll
+  the walker back to the last trusted frame, label the offending frame at once.
+
+Calls are never closer than ``min_spacing`` steps, except for the brake.
+The full state serialises to JSON for exact, bit-for-bit restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "Action",
+    "Decision",
+    "Trigger",
+    "TriggerSettings",
+    "frame_distance",
+    "select_frames",
+]
+
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TriggerSettings:
+    """Typed, validated settings of :class:`Trigger`. Forces in eV/Å, times in MD steps.
+
+    Attributes:
+        window: length of the rolling window (steps) that defines the
+            trajectory-averaged error and the blocks of the convergence test.
+        rel_factor: c in "score > c × rolling mean" (dimensionless, > 1).
+        abs_cap: absolute threshold on a single score (eV/Å); ``None`` disables it.
+            Also the starting value of the adaptive threshold.
+        hard_cap: emergency-brake level (eV/Å); ``None`` disables the brake
+            (non-finite scores still brake).
+        target: target for the trajectory-averaged error (eV/Å); above it a call
+            is made, below it for ``converge_windows`` call-free windows the run
+            is converged. ``None`` disables both.
+        min_spacing: minimum number of steps between two calls.
+        min_history: scores needed in the window before the relative and the
+            average criteria are trusted (a mean of 3 numbers is noise).
+        target_spacing: minimum steps between two calls fired by the average
+            criterion alone; ``None`` means ``window`` (let a refit show its effect
+            on a fresh window before asking again).
+        converge_windows: M, the number of consecutive call-free windows with
+            the trajectory-averaged error below ``target`` that mean convergence.
+        adaptive: update the absolute threshold as in VASP's ML_ICRITERIA=1.
+        adaptive_cx: c_x in "threshold = history mean × (1 + c_x)".
+        adaptive_history: number of scores in the adaptive history.
+        adaptive_max_spread: update only if std/mean of the history is below this.
+        adaptive_max_slope: update only if |fitted slope| × history length / mean
+            (the relative drift across the history) is below this.
+    """
+
+    window: int = 1000
+    rel_factor: float = 3.0
+    abs_cap: float | None = 0.02
+    hard_cap: float | None = 1.0
+    target: float | None = None
+    min_spacing: int = 10
+    min_history: int = 20
+    target_spacing: int | None = None
+    converge_windows: int = 3
+    adaptive: bool = False
+    adaptive_cx: float = 0.2
+    adaptive_history: int = 400
+    adaptive_max_spread: float = 0.4
+    adaptive_max_slope: float = 0.2
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> None:
+            raise ValueError(
+                f"TriggerSettings.{name} = {getattr(self, name)!r}: must be {allowed}"
+            )
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_pos(v: Any) -> bool:
+            return (
+                isinstance(v, (int, float, np.number))
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and v > 0
+            )
+
+        for name in ("window", "min_spacing", "adaptive_history", "converge_windows"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "an integer >= 1")
+        if not is_int(self.min_history) or not 1 <= self.min_history <= self.window:
+            bad("min_history", f"an integer in [1, window={self.window}]")
+        if self.target_spacing is not None and (
+            not is_int(self.target_spacing) or self.target_spacing < 1
+        ):
+            bad("target_spacing", "None or an integer >= 1")
+        if not is_pos(self.rel_factor) or self.rel_factor <= 1:
+            bad("rel_factor", "a finite number > 1")
+        for name in ("abs_cap", "hard_cap", "target"):
+            v = getattr(self, name)
+            if v is not None and not is_pos(v):
+                bad(name, "None or a finite force > 0 in eV/Å")
+        if self.hard_cap is not None and self.abs_cap is not None and self.hard_cap <= self.abs_cap:
+            bad("hard_cap", f"greater than abs_cap = {self.abs_cap} eV/Å")
+        if not isinstance(self.adaptive, bool):
+            bad("adaptive", "True or False")
+        if self.adaptive and self.abs_cap is None:
+            bad("adaptive", "False when abs_cap is None (abs_cap is its starting value)")
+        if not is_pos(self.adaptive_cx) and self.adaptive_cx != 0:
+            bad("adaptive_cx", "a finite number >= 0")
+        for name in ("adaptive_max_spread", "adaptive_max_slope"):
+            if not is_pos(getattr(self, name)):
+                bad(name, "a finite number > 0")
+        if self.adaptive_history < 2:
+            bad("adaptive_history", "an integer >= 2")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TriggerSettings":
+        """Build from a mapping; unknown keys are errors that name the key."""
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ValueError(
+                    f"TriggerSettings: unknown key {key!r}; allowed: {sorted(known)}"
+                )
+        return cls(**d)
+
+
+class Action(str, Enum):
+    """What the walker must do after a step."""
+
+    NONE = "none"  #: carry on
+    LABEL = "label"  #: label a frame (this one or the best candidates), refit, carry on
+    BRAKE = "brake"  #: stop the step, roll back to ``rollback_to``, label this frame now
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The trigger's verdict on one step. Forces in eV/Å.
+
+    ``reasons`` lists the criteria the score met ("hard_cap", "non_finite",
+    "relative", "absolute", "average"), even when ``min_spacing`` suppressed the
+    call (``suppressed``); such frames are still good candidates for
+    :func:`select_frames` at the next call.
+    """
+
+    step: int
+    score: float
+    action: Action
+    reasons: tuple[str, ...]
+    rolling_mean: float  #: trajectory-averaged error before this step (nan if empty)
+    threshold: float  #: the absolute threshold in force at this step (nan if none)
+    suppressed: bool = False
+    rollback_to: int | None = None  #: last trusted step (brake only)
+
+    @property
+    def call(self) -> bool:
+        """True when a reference calculation must be made."""
+        return self.action is not Action.NONE
+
+    @property
+    def stop(self) -> bool:
+        """True when the step must be discarded and the walker rolled back."""
+        return self.action is Action.BRAKE
+
+    @property
+    def candidate(self) -> bool:
+        """True when some criterion was met (called or not)."""
+        return bool(self.reasons)
+
+
+class Trigger:
+    """Stateful trigger over a stream of per-step uncertainty scores (eV/Å)."""
+
+    def __init__(self, settings: TriggerSettings | None = None) -> None:
+        self.settings = settings or TriggerSettings()
+        s = self.settings
+        self._window: deque[float] = deque(maxlen=s.window)
+        self._last_step: int | None = None
+        self._last_call: int | None = None
+        self._last_avg_call: int | None = None
+        self._last_trusted: int | None = None
+        self._threshold: float | None = s.abs_cap
+        self._adapt: deque[float] = deque(maxlen=s.adaptive_history)
+        # Convergence: consecutive call-free blocks of `window` steps whose
+        # trajectory-averaged error stayed below target.
+        self._block_start: int | None = None
+        self._block_ok = True
+        self._good_blocks = 0
+        self.n_calls = 0
+        self.n_brakes = 0
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def rolling_mean(self) -> float:
+        """Trajectory-averaged error (eV/Å) over the window; nan when empty."""
+        # fsum: order-independent exact sum, so restored state gives identical means.
+        return math.fsum(self._window) / len(self._window) if self._window else math.nan
+
+    @property
+    def threshold(self) -> float | None:
+        """Current absolute threshold (eV/Å): ``abs_cap`` or its adapted value."""
+        return self._threshold
+
+    @property
+    def converged(self) -> bool:
+        """True after ``converge_windows`` call-free windows below ``target``."""
+        return self.settings.target is not None and (
+            self._good_blocks >= self.settings.converge_windows
+        )
+
+    @property
+    def last_call(self) -> int | None:
+        return self._last_call
+
+    # ------------------------------------------------------------------ update
+    def update(self, step: int, score: float) -> Decision:
+        """Feed the score (eV/Å) of MD step ``step``; return what to do.
+
+        Steps must increase strictly: a repeated step after a restart would
+        otherwise count a frame twice.
+        """
+        s = self.settings
+        step = int(step)
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(
+                f"Trigger.update: step {step} is not after the last step {self._last_step}"
+            )
+        score = float(score)
+        self._last_step = step
+        if self._block_start is None:
+            self._block_start = step
+        mean = self.rolling_mean
+        thr = self._threshold
+        thr_out = math.nan if thr is None else thr
+
+        # Emergency brake first: an unphysical frame must never enter the history.
+        if not math.isfinite(score) or (s.hard_cap is not None and score > s.hard_cap):
+            reason = "non_finite" if not math.isfinite(score) else "hard_cap"
+            self.n_brakes += 1
+            self._register_call(step)
+            return Decision(step, score, Action.BRAKE, (reason,), mean, thr_out,
+                            rollback_to=self._last_trusted)
+
+        reasons: list[str] = []
+        enough = len(self._window) >= s.min_history
+        if enough and score > s.rel_factor * mean:
+            reasons.append("relative")
+        if thr is not None and score > thr:
+            reasons.append("absolute")
+        # The average criterion looks at the window including this step.
+        self._window.append(score)
+        new_mean = self.rolling_mean
+        avg_hit = s.target is not None and enough and new_mean > s.target
+        if avg_hit:
+            reasons.append("average")
+            self._block_ok = False
+        self._adapt_threshold(score)
+
+        spaced = self._last_call is None or step - self._last_call >= s.min_spacing
+        fire = bool(reasons) and spaced
+        if fire and reasons == ["average"]:
+            gap = s.window if s.target_spacing is None else s.target_spacing
+            ref = self._last_avg_call
+            fire = ref is None or step - ref >= gap
+            if fire:
+                self._last_avg_call = step
+        if not reasons:
+            self._last_trusted = step
+        if fire:
+            self._register_call(step)
+        else:
+            self._close_block(step)
+        return Decision(step, score, Action.LABEL if fire else Action.NONE,
+                        tuple(reasons), mean, thr_out, suppressed=bool(reasons) and not fire)
+
+    def _register_call(self, step: int) -> None:
+        self._last_call = step
+        self.n_calls += 1
+        # A call breaks convergence; a fresh block starts after it.
+        self._good_blocks = 0
+        self._block_start = step
+        self._block_ok = True
+
+    def _close_block(self, step: int) -> None:
+        s = self.settings
+        if s.target is None or self._block_start is None:
+            return
+        if step - self._block_start >= s.window:
+            full = len(self._window) >= s.min_history
+            ok = self._block_ok and full and self.rolling_mean < s.target
+            self._good_blocks = self._good_blocks + 1 if ok else 0
+            self._block_start = step
+            self._block_ok = True
+
+    def _adapt_threshold(self, score: float) -> None:
+        """VASP ML_ICRITERIA=1-like update: only when the history is stable."""
+        s = self.settings
+        if not s.adaptive:
+            return
+        self._adapt.append(score)
+        if len(self._adapt) < s.adaptive_history:
+            return
+        h = np.fromiter(self._adapt, dtype=float)
+        mean = float(h.mean())
+        if mean <= 0:
+            return
+        spread = float(h.std()) / mean
+        # Least-squares slope in closed form (polyfit is 10x slower per step).
+        x = np.arange(h.size, dtype=float) - (h.size - 1) / 2
+        slope = float(x @ (h - mean) / (x @ x))
+        drift = abs(slope) * h.size / mean
+        if spread < s.adaptive_max_spread and drift < s.adaptive_max_slope:
+            self._threshold = mean * (1.0 + s.adaptive_cx)
+            # A fresh history must build up before the next update (as VASP does).
+            self._adapt.clear()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed for an exact restart (JSON-serialisable)."""
+        return {
+            "version": _STATE_VERSION,
+            "settings": asdict(self.settings),
+            "window": list(self._window),
+            "adapt": list(self._adapt),
+            "last_step": self._last_step,
+            "last_call": self._last_call,
+            "last_avg_call": self._last_avg_call,
+            "last_trusted": self._last_trusted,
+            "threshold": self._threshold,
+            "block_start": self._block_start,
+            "block_ok": self._block_ok,
+            "good_blocks": self._good_blocks,
+            "n_calls": self.n_calls,
+            "n_brakes": self.n_brakes,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "Trigger":
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"Trigger state version {state.get('version')!r} != {_STATE_VERSION}")
+        trig = cls(TriggerSettings.from_dict(state["settings"]))
+        trig._window.extend(float(v) for v in state["window"])
+        trig._adapt.extend(float(v) for v in state["adapt"])
+        trig._last_step = state["last_step"]
+        trig._last_call = state["last_call"]
+        trig._last_avg_call = state["last_avg_call"]
+        trig._last_trusted = state["last_trusted"]
+        trig._threshold = state["threshold"]
+        trig._block_start = state["block_start"]
+        trig._block_ok = bool(state["block_ok"])
+        trig._good_blocks = int(state["good_blocks"])
+        trig.n_calls = int(state["n_calls"])
+        trig.n_brakes = int(state["n_brakes"])
+        return trig
+
+    def to_json(self) -> str:
+        # json writes floats with repr(), which round-trips exactly.
+        return json.dumps(self.state_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> "Trigger":
+        return cls.from_state_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------------- frames
+def _positions_and_cell(frame: Any) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(positions, cell or None, pbc) from ASE Atoms (duck-typed) or an (N, 3) array."""
+    if hasattr(frame, "get_positions"):
+        cell = np.asarray(frame.get_cell(), dtype=float)
+        pbc = np.asarray(frame.get_pbc(), dtype=bool)
+        return np.asarray(frame.get_positions(), dtype=float), cell, pbc
+    pos = np.asarray(frame, dtype=float)
+    if pos.ndim != 2 or pos.shape[1] != 3:
+        raise ValueError(f"frame positions must have shape (N, 3), got {pos.shape}")
+    return pos, None, np.zeros(3, dtype=bool)
+
+
+def frame_distance(a: Any, b: Any, cell: np.ndarray | None = None) -> float:
+    """Structural distance (Å): RMSD of positions under the minimum image,
+    after removing the mean displacement (a rigid translation is the same structure).
+
+    ``a`` and ``b`` are ASE Atoms or (N, 3) arrays (then ``cell`` gives the
+    periodic cell, all directions periodic). Frames with different atom counts are
+    infinitely far apart.
+    """
+    pa, ca, pbc = _positions_and_cell(a)
+    pb, _, _ = _positions_and_cell(b)
+    if pa.shape != pb.shape:
+        return math.inf
+    if cell is None:
+        cell = ca
+    else:
+        pbc = np.ones(3, dtype=bool)
+    d = pb - pa
+    if cell is not None and pbc.any():
+        # Minimum image in fractional coordinates (exact for cells that are not
+        # too skewed, which is the case for MD supercells).
+        frac = np.linalg.solve(np.asarray(cell, dtype=float).T, d.T).T
+        frac[:, pbc] -= np.round(frac[:, pbc])
+        d = frac @ np.asarray(cell, dtype=float)
+    d -= d.mean(axis=0)
+    return float(np.sqrt((d * d).sum(axis=1).mean()))
+
+
+def select_frames(
+    scores: Sequence[float],
+    frames: Sequence[Any],
+    max_frames: int = 1,
+    min_distance: float = 0.05,
+    cell: np.ndarray | None = None,
+) -> list[int]:
+    """Pick up to ``max_frames`` frames to label: highest score first, skipping
+    any frame within ``min_distance`` (Å, :func:`frame_distance`) of one already
+    picked, so one event does not buy several near-identical labels.
+
+    Non-finite scores rank first (they are the frames most in need of a label).
+    Ties keep the earlier frame. Returns indices into ``frames``.
+    """
+    if len(scores) != len(frames):
+        raise ValueError(f"{len(scores)} scores for {len(frames)} frames")
+    if max_frames < 1:
+        raise ValueError(f"max_frames = {max_frames}: must be >= 1")
+    if not min_distance >= 0:
+        raise ValueError(f"min_distance = {min_distance}: must be >= 0 Å")
+    key = [(-(math.inf if not math.isfinite(float(s)) else float(s)), i)
+           for i, s in enumerate(scores)]
+    picked: list[int] = []
+    for _, i in sorted(key):
+        if all(frame_distance(frames[j], frames[i], cell) > min_distance for j in picked):
+            picked.append(i)
+            if len(picked) == max_frames:
+                break
+    return picked

@@ -1,0 +1,250 @@
+"""Trigger on deterministic synthetic score streams (eV/Å)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from almd.trigger import (
+    Action,
+    Trigger,
+    TriggerSettings,
+    frame_distance,
+    select_frames,
+)
+
+
+def run(trig: Trigger, scores, start: int = 0):
+    return [trig.update(start + i, s) for i, s in enumerate(scores)]
+
+
+def calls(decisions):
+    return [d.step for d in decisions if d.call]
+
+
+def noise(n: int, level: float = 0.005, amp: float = 0.2, seed: int = 0) -> np.ndarray:
+    # Multiplicative ±20 % noise: never 3× the mean, never above the caps below.
+    rng = np.random.default_rng(seed)
+    return level * (1 + amp * rng.uniform(-1, 1, n))
+
+
+def test_noise_only_never_calls():
+    trig = Trigger(TriggerSettings(window=200, abs_cap=0.02))
+    dec = run(trig, noise(2000))
+    assert calls(dec) == []
+    assert not any(d.candidate for d in dec)
+    assert trig.rolling_mean == pytest.approx(0.005, rel=0.05)
+
+
+def test_single_spike_one_call():
+    s = noise(1000)
+    s[500] = 0.05
+    dec = run(Trigger(TriggerSettings(window=200)), s)
+    assert calls(dec) == [500]
+    assert set(dec[500].reasons) == {"relative", "absolute"}
+    assert dec[500].action is Action.LABEL and not dec[500].stop
+
+
+def test_step_change_relative_then_mean_catches_up():
+    # Window 100, mean 0.01 → 0.04 at step 200: relative fires while
+    # 0.04 > 3·mean, i.e. for < 11.1 steps of the new level; min_spacing 10.
+    s = np.full(400, 0.01)
+    s[200:] = 0.04
+    trig = Trigger(TriggerSettings(window=100, abs_cap=None, min_spacing=10))
+    dec = run(trig, s)
+    assert calls(dec) == [200, 210]
+    # Steps 201..209 met the criterion but were suppressed by min_spacing.
+    assert all(dec[i].suppressed and not dec[i].call for i in range(201, 210))
+
+
+def test_step_above_abs_cap_respects_min_spacing():
+    s = np.full(300, 0.005)
+    s[100:] = 0.03  # above abs_cap 0.02 from step 100 on
+    dec = run(Trigger(TriggerSettings(window=50, min_spacing=10)), s)
+    assert calls(dec) == list(range(100, 300, 10))
+    c = calls(dec)
+    assert min(np.diff(c)) >= 10
+
+
+def test_slow_drift_fires_on_average_only():
+    n, window, target = 1500, 200, 0.01
+    s = np.linspace(0.002, 0.02, n)
+    trig = Trigger(TriggerSettings(window=window, abs_cap=None, target=target))
+    dec = run(trig, s)
+    means = np.array([s[max(0, i - window + 1): i + 1].mean() for i in range(n)])
+    first = int(np.argmax(means > target))
+    assert calls(dec) == list(range(first, n, window))
+    assert all(d.reasons == ("average",) for d in dec if d.call)
+
+
+def test_hard_cap_brakes_at_once_and_rolls_back():
+    s = noise(300)
+    s[100] = 0.05  # ordinary call
+    s[103] = 2.0  # brake within min_spacing of the last call
+    trig = Trigger(TriggerSettings(window=100, hard_cap=1.0))
+    dec = run(trig, s)
+    assert calls(dec) == [100, 103]
+    d = dec[103]
+    assert d.action is Action.BRAKE and d.stop and d.reasons == ("hard_cap",)
+    assert d.rollback_to == 102  # last frame that met no criterion
+    # The unphysical score does not pollute the trajectory average.
+    assert max(trig._window) < 0.06
+    assert trig.n_brakes == 1
+
+
+def test_nan_score_brakes():
+    trig = Trigger()
+    run(trig, noise(50))
+    d = trig.update(50, float("nan"))
+    assert d.stop and d.reasons == ("non_finite",) and d.rollback_to == 49
+
+
+def test_steps_must_increase():
+    trig = Trigger()
+    trig.update(5, 0.01)
+    with pytest.raises(ValueError, match="step 5"):
+        trig.update(5, 0.01)
+
+
+def test_adaptive_threshold_updates_only_when_stable():
+    st = TriggerSettings(window=500, abs_cap=0.05, adaptive=True, adaptive_cx=0.2,
+                         adaptive_history=100)
+    trig = Trigger(st)
+    stable = noise(100, level=0.01, amp=0.1)
+    run(trig, stable)
+    assert trig.threshold == pytest.approx(stable.mean() * 1.2, rel=1e-12)
+    # A steady drift (+100 % over the history) must not move the threshold ...
+    thr = trig.threshold
+    run(trig, np.linspace(0.008, 0.016, 100), start=100)
+    assert trig.threshold == thr
+    # ... nor a history with a large spread (fresh trigger: no mixed windows).
+    wild = np.where(np.arange(300) % 2 == 0, 0.001, 0.011)
+    other = Trigger(st)
+    run(other, wild)
+    assert other.threshold == 0.05
+    # Above the adapted threshold (but below the old abs_cap and 3× mean): a call.
+    d = trig.update(250, 0.025)
+    assert d.call and d.reasons == ("absolute",)
+
+
+def test_adaptive_off_keeps_cap():
+    trig = Trigger(TriggerSettings(abs_cap=0.05))
+    run(trig, noise(1000, level=0.01))
+    assert trig.threshold == 0.05
+
+
+def test_convergence_after_m_quiet_windows_and_reset_by_call():
+    st = TriggerSettings(window=100, target=0.01, converge_windows=3)
+    trig = Trigger(st)
+    dec = run(trig, noise(250))
+    assert not trig.converged
+    dec += run(trig, noise(60, seed=1), start=250)
+    assert trig.converged  # blocks closed at steps 100, 200, 300
+    trig.update(310, 0.05)  # a call: back to square one
+    assert not trig.converged
+    run(trig, noise(300, seed=2), start=311)
+    assert trig.converged
+
+
+def test_no_convergence_while_average_above_target():
+    trig = Trigger(TriggerSettings(window=100, target=0.004, abs_cap=None))
+    run(trig, noise(1000))
+    assert not trig.converged
+
+
+def test_json_round_trip_mid_stream_is_exact():
+    rng = np.random.default_rng(7)
+    s = 0.005 * (1 + 0.3 * rng.standard_normal(3000)).clip(0.1)
+    s[[400, 401, 1200, 2500]] = [0.04, 0.05, 3.0, 0.03]
+    s[1800:2100] += np.linspace(0, 0.02, 300)
+    st = TriggerSettings(window=300, target=0.009, adaptive=True, adaptive_history=150,
+                         abs_cap=0.03)
+    ref = run(Trigger(st), s)
+    for cut in (150, 401, 1201, 1950):
+        first = Trigger(st)
+        run(first, s[:cut])
+        text = first.to_json()
+        json.loads(text)  # plain JSON
+        restored = Trigger.from_json(text)
+        rest = run(restored, s[cut:], start=cut)
+        assert [repr(d) for d in rest] == [repr(d) for d in ref[cut:]]
+        assert restored.to_json() == run_to_json(st, s)
+    assert len(calls(ref)) >= 4
+
+
+def run_to_json(st, s):
+    t = Trigger(st)
+    run(t, s)
+    return t.to_json()
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"window": 0}, "window"),
+        ({"rel_factor": 0.5}, "rel_factor"),
+        ({"abs_cap": -1.0}, "abs_cap"),
+        ({"hard_cap": 0.01}, "hard_cap"),
+        ({"target": float("nan")}, "target"),
+        ({"min_spacing": 2.5}, "min_spacing"),
+        ({"min_history": 5000}, "min_history"),
+        ({"adaptive": True, "abs_cap": None}, "adaptive"),
+    ],
+)
+def test_settings_validation_names_field(kw, field):
+    with pytest.raises(ValueError, match=rf"TriggerSettings\.{field} = "):
+        TriggerSettings(**kw)
+
+
+def test_settings_unknown_key():
+    with pytest.raises(ValueError, match="'windw'"):
+        TriggerSettings.from_dict({"windw": 10})
+
+
+# ------------------------------------------------------------------ frames
+def _si8():
+    a = 5.431
+    base = np.array([[0, 0, 0], [0, .5, .5], [.5, 0, .5], [.5, .5, 0],
+                     [.25, .25, .25], [.25, .75, .75], [.75, .25, .75], [.75, .75, .25]])
+    return base * a, np.eye(3) * a
+
+
+def test_frame_distance_minimum_image_and_translation():
+    pos, cell = _si8()
+    shifted = pos.copy()
+    shifted[0] += [5.431 - 1e-3, 0, 0]  # across the boundary: really a tiny move
+    assert frame_distance(pos, shifted, cell) < 1e-3
+    assert frame_distance(pos, pos + 0.7, cell) == pytest.approx(0, abs=1e-12)
+    assert frame_distance(pos, pos[:4], cell) == math.inf
+
+
+def test_select_frames_deduplicates_one_event():
+    pos, cell = _si8()
+    rng = np.random.default_rng(3)
+    event = pos + rng.normal(0, 0.1, pos.shape)
+    frames, scores = [], []
+    for k in range(5):  # five near-identical frames of one event, high scores
+        frames.append(event + rng.normal(0, 0.002, pos.shape))
+        scores.append(0.10 - 0.001 * k)
+    other = pos + rng.normal(0, 0.1, pos.shape)  # a different event, lower score
+    frames.append(other)
+    scores.append(0.05)
+    frames.append(pos)
+    scores.append(0.01)
+    picked = select_frames(scores, frames, max_frames=3, min_distance=0.02, cell=cell)
+    assert picked == [0, 5, 6]
+    assert select_frames(scores, frames, max_frames=1, cell=cell) == [0]
+    # Without de-duplication the event would take all the slots.
+    assert select_frames(scores, frames, max_frames=3, min_distance=0.0, cell=cell) == [0, 1, 2]
+
+
+def test_select_frames_accepts_atoms():
+    ase = pytest.importorskip("ase")
+    pos, cell = _si8()
+    a = ase.Atoms("Si8", positions=pos, cell=cell, pbc=True)
+    b = a.copy()
+    b.positions[1] += 0.3
+    c = a.copy()
+    c.positions[1] += 0.301
+    assert select_frames([0.2, 0.3, 0.1], [a, b, c], max_frames=2, min_distance=0.01) == [1, 0]
