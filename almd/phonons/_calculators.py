@@ -1,0 +1,141 @@
+"""Calculators for phonon work: name resolution, forces on supercells, Hessians.
+
+Only ASE objects cross this boundary; torch is imported lazily by whichever
+calculator needs it, never here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Sequence
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator as AseCalculator
+
+# Names handled locally while (or if) almd.oracle is missing.  The oracle owns
+# the canonical list; these are only fallbacks so phonons work stand-alone.
+_LOCAL_PRESETS = ("stillinger-weber-si", "emt")
+_SEVENNET_NAMES = ("sevennet-0", "7net-0", "sevennet")
+
+
+def stillinger_weber_si() -> AseCalculator:
+    """matscipy's Stillinger–Weber silicon (PRB 31, 5262), analytic Hessian included."""
+    from matscipy.calculators.manybody import Manybody
+    from matscipy.calculators.manybody.explicit_forms.stillinger_weber import (
+        StillingerWeber,
+        Stillinger_Weber_PRB_31_5262_Si,
+    )
+
+    return Manybody(**StillingerWeber(Stillinger_Weber_PRB_31_5262_Si))
+
+
+def _local_preset(name: str) -> AseCalculator:
+    if name == "stillinger-weber-si":
+        return stillinger_weber_si()
+    if name == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    raise KeyError(name)
+
+
+def _import_path(spec: str, **kwargs: Any) -> AseCalculator:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)(**kwargs)
+
+
+def resolve_calculator(name: str | AseCalculator, **kwargs: Any) -> AseCalculator:
+    """Turn a name into an ASE calculator.
+
+    Order: an object passes through; an oracle preset or "module:Class" goes to
+    ``almd.oracle.build_calculator``; anything else is a model name or path for
+    ``almd.Calculator``.  While those modules are missing, Stillinger–Weber Si,
+    EMT and sevenn's own SevenNet-0 calculator stand in.
+    """
+    if not isinstance(name, str):
+        return name
+    key = name.strip()
+    is_preset = key.lower() in _LOCAL_PRESETS or key.lower() in ("gpaw-pw", "espresso-pw") or ":" in key
+    if is_preset:
+        try:
+            from almd.oracle import build_calculator
+        except ImportError:
+            build_calculator = None
+        if build_calculator is not None:
+            return build_calculator(key, **kwargs)
+        if key.lower() in _LOCAL_PRESETS:
+            return _local_preset(key.lower())
+        if ":" in key:
+            return _import_path(key, **kwargs)
+        raise ValueError(f"calculator preset {key!r} needs almd.oracle, which is not available")
+    try:
+        from almd.calculator import Calculator
+    except ImportError:
+        Calculator = None
+    if Calculator is not None:
+        return Calculator(model=key, **kwargs)
+    if key.lower() in _SEVENNET_NAMES:
+        from sevenn.calculator import SevenNetCalculator
+
+        return SevenNetCalculator("7net-0", **kwargs)
+    raise ValueError(
+        f"unknown calculator {key!r}: not an oracle preset ({', '.join(_LOCAL_PRESETS)}, 'module:Class') "
+        "and almd.Calculator is not available for model names"
+    )
+
+
+def calculator_label(calc: str | AseCalculator) -> str:
+    if isinstance(calc, str):
+        return calc
+    return getattr(calc, "name", None) or type(calc).__name__
+
+
+def compute_forces(
+    structures: Sequence[Atoms], calc: AseCalculator, progress: bool = False
+) -> np.ndarray:
+    """Forces (n_structures, n_atoms, 3) in eV/Å; one calculator, structures in order."""
+    out = []
+    for i, atoms in enumerate(structures):
+        atoms = atoms.copy()
+        atoms.calc = calc
+        out.append(np.array(atoms.get_forces(), dtype=float))
+        if progress and (i + 1) % 10 == 0:
+            print(f"  forces {i + 1}/{len(structures)}", flush=True)
+    return np.array(out)
+
+
+def has_hessian(calc: AseCalculator) -> bool:
+    """True if the calculator gives an analytic or autodiff Hessian."""
+    if callable(getattr(calc, "get_hessian", None)):
+        return True
+    return "hessian" in getattr(calc, "implemented_properties", ())
+
+
+def get_hessian(calc: AseCalculator, atoms: Atoms) -> np.ndarray:
+    """Supercell Hessian d²E/dx_i dx_j, (3N, 3N), eV/Å², atom-major, no mass weighting."""
+    atoms = atoms.copy()
+    atoms.calc = calc
+    if callable(getattr(calc, "get_hessian", None)):
+        h = calc.get_hessian(atoms)
+    else:  # matscipy returns a scipy sparse (BSR) matrix
+        h = calc.get_property("hessian", atoms)
+    if hasattr(h, "toarray"):
+        h = h.toarray()
+    h = np.asarray(h, dtype=float)
+    n = 3 * len(atoms)
+    if h.shape != (n, n):
+        raise ValueError(f"Hessian has shape {h.shape}, expected {(n, n)}")
+    return h
+
+
+def hessian_to_fc(hessian: np.ndarray) -> np.ndarray:
+    """(3N, 3N) Hessian → phonopy full force constants (N, N, 3, 3)."""
+    n = hessian.shape[0] // 3
+    return hessian.reshape(n, 3, n, 3).swapaxes(1, 2).copy()
+
+
+def fc_to_hessian(fc: np.ndarray) -> np.ndarray:
+    """phonopy full force constants (N, N, 3, 3) → (3N, 3N) Hessian (methods.md convention)."""
+    n = fc.shape[0]
+    return fc.swapaxes(1, 2).reshape(3 * n, 3 * n).copy()
