@@ -1,0 +1,453 @@
+"""Reference calculations ("the oracle"): ASE Atoms -> energy, forces, stress.
+
+Any ASE calculator can be the oracle, named by a preset (``PRESETS``) or an
+import path ``"module:Class"`` plus keyword arguments. ``Oracle.label`` runs each
+calculation in its own worker process (forked from a warm forkserver) with a
+timeout and retries; whatever happens, the outcome comes back as a
+``LabelResult`` and, with a database, is stored as a row. Mistakes a user can fix
+(unknown preset, pw.x not installed, missing pseudopotential) raise
+``OracleConfigError`` before any work starts.
+
+No torch here: the oracle must run where the ML stack is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from almd.dataset import LabelDatabase, content_hash, settings_hash
+
+PSEUDO_DIR = "/usr/share/espresso/pseudo"
+
+
+class OracleConfigError(ValueError):
+    """A configuration mistake the user can fix; the message says how."""
+
+
+# --------------------------------------------------------------------------- presets
+
+def _stillinger_weber_si() -> Any:
+    from matscipy.calculators.manybody import Manybody
+    from matscipy.calculators.manybody.explicit_forms import StillingerWeber
+    from matscipy.calculators.manybody.explicit_forms.stillinger_weber import (
+        Stillinger_Weber_PRB_31_5262_Si,
+    )
+
+    return Manybody(**StillingerWeber(Stillinger_Weber_PRB_31_5262_Si))
+
+
+def _emt(**kwargs: Any) -> Any:
+    from ase.calculators.emt import EMT
+
+    return EMT(**kwargs)
+
+
+def _gpaw_pw(ecut: float = 300.0, kpt_density: float = 3.0, xc: str = "PBE",
+             kpts: Any = None, txt: str | None = None, **kwargs: Any) -> Any:
+    """GPAW plane waves. ``kpt_density`` is k-points per Å⁻¹ (ASE convention,
+    2π included), so one setting suits any cell; ``kpts`` overrides it."""
+    from gpaw import GPAW
+
+    kpts = kpts if kpts is not None else {"density": kpt_density, "gamma": False}
+    return GPAW(mode={"name": "pw", "ecut": ecut}, xc=xc, kpts=kpts, txt=txt, **kwargs)
+
+
+def _espresso_pw(ecutwfc: float = 25.0, dual: float | None = None, kpt_density: float = 2.5,
+                 kpts: Any = None, xc: str = "pbe", command: str = "pw.x",
+                 pseudo_dir: str = PSEUDO_DIR, pseudopotentials: Mapping[str, str] | None = None,
+                 input_data: Mapping[str, Any] | None = None, atoms: Atoms | None = None,
+                 **kwargs: Any) -> Any:
+    """Quantum ESPRESSO pw.x through ASE. Cutoffs in Ry (QE's unit); ``dual`` =
+    ecutrho/ecutwfc, default 4 for norm-conserving and 8 when any chosen
+    pseudopotential is ultrasoft/PAW. ``atoms`` (not a setting) restricts the
+    pseudopotentials to its elements and checks them."""
+    from ase.calculators.espresso import Espresso, EspressoProfile
+
+    _check_pw_x(command)
+    pseudos = dict(pseudopotentials or available_pseudopotentials(pseudo_dir, xc))
+    kinds = {el: _upf_kind(Path(pseudo_dir) / f) for el, f in pseudos.items()}
+    if atoms is not None:
+        missing = sorted(set(atoms.get_chemical_symbols()) - set(pseudos))
+        if missing:
+            raise OracleConfigError(
+                f"no pseudopotential for element(s) {missing} in {pseudo_dir}; put a UPF file "
+                f"named like '{missing[0]}.pbe-....UPF' there or pass pseudopotentials={{...}}")
+        pseudos = {el: pseudos[el] for el in set(atoms.get_chemical_symbols())}
+    if dual is None:
+        dual = 4.0 if all(kinds.get(el) == "NC" for el in pseudos) else 8.0
+    data: dict[str, Any] = {"control": {"tstress": True, "tprnfor": True, "disk_io": "none"},
+                            "system": {"ecutwfc": ecutwfc, "ecutrho": dual * ecutwfc},
+                            "electrons": {"conv_thr": 1e-8}}
+    for section, values in (input_data or {}).items():
+        data.setdefault(section, {}).update(values)
+    if kpts is None:
+        # ASE's kspacing excludes 2π: this reproduces kpts={'density': d} of the GPAW preset
+        # (ase 3.29's espresso writer cannot take the density dict itself).
+        kwargs["kspacing"] = 1.0 / (2 * np.pi * kpt_density)
+    else:
+        kwargs["kpts"] = kpts
+    profile = EspressoProfile(command=command, pseudo_dir=str(pseudo_dir))
+    return Espresso(profile=profile, pseudopotentials=pseudos, input_data=data, **kwargs)
+
+
+# name -> (factory, one-line description)
+PRESETS: dict[str, tuple[Callable[..., Any], str]] = {
+    "stillinger-weber-si": (_stillinger_weber_si, "matscipy Stillinger-Weber silicon (PRB 31, 5262)"),
+    "emt": (_emt, "ASE effective-medium theory (Al, Cu, Ag, Au, Ni, Pd, Pt; toy)"),
+    "gpaw-pw": (_gpaw_pw, "GPAW plane waves, PBE (ecut eV, kpt_density per Å⁻¹)"),
+    "espresso-pw": (_espresso_pw, "Quantum ESPRESSO pw.x, PBE pseudopotentials from " + PSEUDO_DIR),
+}
+
+
+def _check_pw_x(command: str) -> None:
+    exe = command.split()[0] if command.split() else command
+    if shutil.which(exe) is None:
+        raise OracleConfigError(
+            f"Quantum ESPRESSO executable {exe!r} not found on PATH. Install it with "
+            "'apt-get install quantum-espresso' (or conda install -c conda-forge qe), "
+            "or pass command='/path/to/pw.x'.")
+
+
+def _upf_kind(path: Path) -> str:
+    """'NC', 'US' or 'PAW' from the UPF header (filename as a fallback)."""
+    try:
+        head = path.read_text(errors="ignore")[:200_000]
+    except OSError:
+        head = ""
+    m = re.search(r'pseudo_type\s*=\s*"\s*(\w+)', head) or re.search(
+        r"Pseudopotential type:\s*(\w+)", head)
+    kind = m.group(1).upper() if m else ""
+    if kind.startswith("US"):
+        return "US"
+    if kind in ("NC", "SL", "PAW"):
+        return "NC" if kind == "SL" else kind
+    name = path.name.lower()
+    return "PAW" if "paw" in name else "US" if ("us" in name or "van" in name) else "NC"
+
+
+def available_pseudopotentials(pseudo_dir: str | Path = PSEUDO_DIR, xc: str = "pbe") -> dict[str, str]:
+    """Element -> UPF file in ``pseudo_dir``, one per element.
+
+    Preference: the requested functional (by QE's naming, ``Si.pbe-...``), not
+    fully relativistic, norm-conserving before ultrasoft before PAW (cheapest
+    cutoffs), then the shortest name — deterministic for a given directory.
+    """
+    folder = Path(pseudo_dir)
+    if not folder.is_dir():
+        raise OracleConfigError(f"pseudopotential directory {folder} does not exist "
+                                "(apt-get install quantum-espresso installs one)")
+    candidates: dict[str, list[tuple[tuple, str]]] = {}
+    for f in sorted(folder.iterdir()):
+        m = re.match(r"([A-Z][a-z]?)[._-]", f.name)
+        if not m or f.suffix.lower() != ".upf":
+            continue
+        low = f.name.lower()
+        functional_ok = re.search(rf"[._-]{xc.lower()}(?!sol)[._-]", low) is not None
+        rank = (not functional_ok, "rel" in low, {"NC": 0, "US": 1, "PAW": 2}[_upf_kind(f)],
+                len(f.name), f.name)
+        candidates.setdefault(m.group(1), []).append((rank, f.name))
+    return {el: min(c)[1] for el, c in sorted(candidates.items())}
+
+
+# --------------------------------------------------------------------------- building
+
+def resolve_spec(spec: Any, **overrides: Any) -> tuple[str, dict[str, Any]]:
+    """(calculator name, keyword arguments) of a spec, defaults filled in.
+
+    This pair is what the settings hash covers, so a changed default changes the hash.
+    """
+    if isinstance(spec, Mapping):
+        spec = dict(spec)
+        if "calculator" not in spec:
+            raise OracleConfigError(f"calculator spec {spec} needs a 'calculator' key "
+                                    f"(a preset {sorted(PRESETS)} or 'module:Class')")
+        name = spec.pop("calculator")
+        return resolve_spec(name, **{**spec, **overrides})
+    if isinstance(spec, type):
+        return f"{spec.__module__}:{spec.__qualname__}", dict(overrides)
+    if not isinstance(spec, str):
+        raise OracleConfigError(f"calculator spec must be a preset name, 'module:Class', a dict "
+                                f"or a class, got {spec!r}")
+    if spec in PRESETS:
+        factory = PRESETS[spec][0]
+        params = inspect.signature(factory).parameters
+        has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        unknown = [k for k in overrides if k not in params and k != "atoms"]
+        if unknown and not has_var_kw:
+            raise OracleConfigError(f"preset {spec!r} takes no option(s) {unknown}; "
+                                    f"allowed: {[p for p in params if p != 'atoms']}")
+        defaults = {k: p.default for k, p in params.items()
+                    if p.default is not inspect.Parameter.empty and k != "atoms"}
+        return spec, {**defaults, **overrides}
+    if ":" not in spec:
+        raise OracleConfigError(
+            f"unknown oracle preset {spec!r}. Presets: "
+            + "; ".join(f"{k} ({v[1]})" for k, v in PRESETS.items())
+            + ". Or give an import path 'module:Class', e.g. 'gpaw:GPAW'.")
+    module, _, attr = spec.partition(":")
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None:
+        raise OracleConfigError(f"cannot import module {module!r} of calculator {spec!r}: "
+                                f"is the package installed (pip install {module.split('.')[0]})?")
+    return spec, dict(overrides)
+
+
+def build_calculator(spec: Any, **overrides: Any) -> Any:
+    """An ASE calculator from a preset name, ``"module:Class"``, a dict spec
+    ``{"calculator": ..., **kwargs}`` or a class; ``overrides`` are keyword arguments.
+
+    ``atoms=`` may be passed for presets with element-dependent settings (QE
+    pseudopotentials); it is checked against them, not stored.
+    """
+    atoms = overrides.pop("atoms", None)
+    name, kwargs = resolve_spec(spec, **overrides)
+    if name in PRESETS:
+        factory = PRESETS[name][0]
+        if "atoms" in inspect.signature(factory).parameters:
+            kwargs["atoms"] = atoms
+        return factory(**kwargs)
+    if isinstance(spec, type):
+        return spec(**kwargs)
+    module, _, attr = name.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj(**kwargs)
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass
+class LabelResult:
+    """Outcome of one labelling request. ``status`` is 'ok' or 'failed'; a failed
+    result carries ``error`` (text) and ``error_kind`` (exception, scf, timeout,
+    nonfinite, crashed). Energies eV, forces eV/Å, stress Voigt eV/Å³."""
+
+    status: str
+    energy: float | None = None
+    forces: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    error: str | None = None
+    error_kind: str | None = None
+    wall_time: float = 0.0
+    attempts: int = 0
+    settings_hash: str = ""
+    content_hash: str = ""
+    oracle: str = ""
+    cached: bool = False
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def attach(self, atoms: Atoms) -> Atoms:
+        """Copy of ``atoms`` with the labels in a SinglePointCalculator."""
+        if not self.ok:
+            raise ValueError(f"cannot attach a failed label: {self.error}")
+        out = atoms.copy()
+        results = {"energy": self.energy, "forces": self.forces, "stress": self.stress}
+        out.calc = SinglePointCalculator(out, **{k: v for k, v in results.items() if v is not None})
+        return out
+
+
+# --------------------------------------------------------------------------- worker side
+
+# Imported once in the forkserver so each forked worker starts warm (matscipy pulls
+# in scipy.stats: ~1-2 s per cold start). Not gpaw: forking after its MPI set-up is unsafe.
+_PRELOAD = ["almd.oracle", "ase.io", "ase.db", "ase.calculators.emt", "scipy.stats",
+            "matscipy.calculators.manybody"]
+
+
+def _classify(exc: BaseException) -> str:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return "scf" if "converg" in text else "exception"
+
+
+def _worker(conn: Any, spec: tuple[str, dict], atoms: Atoms, workdir: str, sys_path: list[str]) -> None:
+    """Runs in the child: one calculation, the outcome sent back as a plain dict."""
+    os.setsid()  # own process group: a timeout kill also reaches pw.x / mpirun children
+    for p in reversed(sys_path):  # make the parent's test/user modules importable
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    try:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        os.chdir(workdir)  # file-based codes write here; safe, we are a private process
+        t0 = time.perf_counter()
+        name, kwargs = spec
+        atoms.calc = build_calculator(name, atoms=atoms, **kwargs) if name in PRESETS \
+            else build_calculator(name, **kwargs)
+        energy = float(atoms.get_potential_energy())
+        forces = np.array(atoms.get_forces(), dtype=np.float64)
+        stress = None
+        if atoms.cell.rank == 3 and all(atoms.pbc):
+            try:
+                stress = np.array(atoms.get_stress(voigt=True), dtype=np.float64)
+            except NotImplementedError:  # includes ASE's PropertyNotImplementedError
+                stress = None
+        out = {"energy": energy, "forces": forces, "stress": stress,
+               "time": time.perf_counter() - t0}
+        bad = [k for k in ("energy", "forces", "stress")
+               if out[k] is not None and not np.all(np.isfinite(out[k]))]
+        if bad:
+            out = {"error": f"non-finite {', '.join(bad)} returned by {name}", "kind": "nonfinite"}
+    except BaseException as exc:  # noqa: BLE001 - everything must come back as a result
+        out = {"error": "".join(traceback.format_exception(exc)).strip(), "kind": _classify(exc)}
+    conn.send(out)
+    conn.close()
+
+
+# --------------------------------------------------------------------------- the oracle
+
+def _context() -> Any:
+    """Forkserver where available (fast, no inherited state), else spawn."""
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" in methods:
+        ctx = multiprocessing.get_context("forkserver")
+        from multiprocessing import forkserver
+
+        if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:
+            ctx.set_forkserver_preload(_PRELOAD)  # only effective before it starts
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class Oracle:
+    """Labels structures with a reference calculator, isolated, timed out, retried.
+
+    ``spec``/``overrides`` as for ``build_calculator``. ``timeout`` (s) bounds
+    each attempt; ``retries`` extra attempts follow any failure (a hung or
+    crashed DFT run often succeeds the second time; deterministic errors just
+    cost one more try). ``database`` (path or LabelDatabase): already-labelled
+    structures are read from it, every outcome is written to it.
+    """
+
+    def __init__(self, spec: Any, *, timeout: float = 3600.0, retries: int = 1,
+                 workdir: str | Path | None = None, database: LabelDatabase | str | Path | None = None,
+                 name: str | None = None, **overrides: Any) -> None:
+        if timeout <= 0 or retries < 0:
+            raise OracleConfigError(f"need timeout > 0 and retries >= 0, got {timeout}, {retries}")
+        self.spec_name, self.kwargs = resolve_spec(spec, **overrides)
+        if self.spec_name == "espresso-pw":
+            _check_pw_x(self.kwargs["command"])  # fail now, not inside every worker
+        self.settings = {"calculator": self.spec_name, **self.kwargs}
+        self.settings_hash = settings_hash(self.settings)
+        self.name = name or self.spec_name
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.workdir = Path(workdir) if workdir is not None else Path.cwd() / "oracle-runs"
+        if database is not None and not isinstance(database, LabelDatabase):
+            database = LabelDatabase(database)
+        self.database = database
+        self._cache: dict[str, LabelResult] = {}
+        self.calls = 0  # calculations actually started (cache hits excluded)
+
+    def _preflight(self, atoms: Atoms) -> None:
+        if self.spec_name == "espresso-pw":  # missing pseudopotential -> clear error now
+            kw = {k: v for k, v in self.kwargs.items()
+                  if k in ("pseudo_dir", "pseudopotentials", "xc", "command")}
+            build_calculator("espresso-pw", atoms=atoms, **kw)
+
+    def _cached(self, key: str) -> LabelResult | None:
+        if key in self._cache:
+            return self._cache[key]
+        if self.database is not None:
+            row = self.database.lookup(key)
+            if row is not None:
+                return LabelResult(
+                    status="ok", energy=row.get("energy"), forces=row.get("forces"),
+                    stress=row.get("stress"), wall_time=float(row.get("wall_time", 0.0)),
+                    attempts=int(row.get("attempts", 1)), settings_hash=self.settings_hash,
+                    content_hash=key, oracle=row.get("oracle", self.name), settings=self.settings)
+        return None
+
+    def _attempt(self, atoms: Atoms, key: str) -> dict[str, Any]:
+        ctx = _context()
+        parent, child = ctx.Pipe(duplex=False)
+        workdir = str((self.workdir / key).resolve())
+        clean = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc,
+                      magmoms=atoms.get_initial_magnetic_moments())
+        proc = ctx.Process(target=_worker, daemon=True,
+                           args=(child, (self.spec_name, self.kwargs), clean, workdir, list(sys.path)))
+        proc.start()
+        child.close()  # so that a dead worker shows up as EOF instead of a hang
+        try:
+            if not parent.poll(self.timeout):
+                return {"error": f"timed out after {self.timeout:g} s (worker killed)", "kind": "timeout"}
+            try:
+                return parent.recv()
+            except EOFError:
+                proc.join(5)
+                return {"error": f"worker died without a result (exit code {proc.exitcode})",
+                        "kind": "crashed"}
+        finally:
+            parent.close()
+            _kill_group(proc)
+
+    def label(self, atoms: Atoms, **provenance: Any) -> LabelResult:
+        """Label one structure. Never raises for a failed calculation: the result
+        says 'failed' and, with a database, a failed row is stored. ``provenance``
+        (walker, step, model_version, uncertainty) goes into the database row."""
+        key = content_hash(atoms, self.settings_hash)
+        hit = self._cached(key)
+        if hit is not None:
+            return LabelResult(**{**hit.__dict__, "cached": True})
+        self._preflight(atoms)
+        t0 = time.perf_counter()
+        errors: list[str] = []
+        out: dict[str, Any] = {}
+        attempts = 0
+        for attempts in range(1, self.retries + 2):
+            self.calls += 1
+            out = self._attempt(atoms, key)
+            if "error" not in out:
+                break
+            errors.append(f"attempt {attempts} [{out['kind']}]: {out['error']}")
+        common = dict(wall_time=time.perf_counter() - t0, attempts=attempts,
+                      settings_hash=self.settings_hash, content_hash=key, oracle=self.name,
+                      settings=self.settings)
+        if "error" in out:
+            result = LabelResult(status="failed", error="\n".join(errors), error_kind=out["kind"], **common)
+        else:
+            result = LabelResult(status="ok", energy=out["energy"], forces=out["forces"],
+                                 stress=out["stress"], **common)
+            self._cache[key] = result
+        if self.database is not None:
+            self.database.add_result(atoms, result, **provenance)
+        return result
+
+    def __call__(self, atoms: Atoms, **provenance: Any) -> LabelResult:
+        return self.label(atoms, **provenance)
+
+
+def _kill_group(proc: Any) -> None:
+    """Stop a worker and everything it started (it leads its own process group)."""
+    if proc.is_alive():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+    proc.join(10)
+    if proc.exitcode is not None and hasattr(proc, "close"):
+        proc.close()
