@@ -1,0 +1,492 @@
+"""Bayesian lattice-dynamics model (BayLMD; Callsen, Lee, Chou 2026; methods.md §3).
+
+The energy is a Taylor expansion in atomic displacements, linear in the
+symmetry-independent force-constant parameters of a hiphive ClusterSpace
+(acoustic sum rules imposed). Forces are therefore ``F = Φ(u) p`` with the design
+block ``Φ(u)`` (3N × P) of a configuration. The parameters get a Gaussian
+posterior from evidence-maximised ridge regression; the posterior covariance S
+gives each force component a predictive variance ``diag(Φ S Φᵀ)`` — the score
+that drives the trigger.
+
+Units: forces eV/Å, displacements Å, force constants eV/Å^n, β in (eV/Å)^-2.
+
+Speed: hiphive's own ``ForceConstantModel.get_fit_matrix`` costs ~1 s for a
+64-atom supercell, far too slow to score every MD step. ``_SupercellBasis``
+expands the per-eigentensor force constants of one ideal supercell once into
+sparse matrices, after which a design block is one or two sparse products
+(a few ms); it reproduces hiphive's fit matrix to round-off (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+__all__ = [
+    "BayesianForceConstantModel",
+    "BayesianCalculator",
+    "EvidenceFit",
+    "evidence_ridge",
+    "displacements",
+]
+
+
+@contextlib.contextmanager
+def _quiet_hiphive() -> Iterator[None]:
+    # hiphive logs cluster-space tables to stdout at INFO; keep test/MD output clean
+    # without changing the user's logging configuration for good.
+    log = logging.getLogger("hiphive")
+    old = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+# ---------------------------------------------------------------- the fit
+@dataclass(frozen=True)
+class EvidenceFit:
+    """Posterior of the evidence-maximised ridge regression.
+
+    ``alpha`` is the prior (weight) precision, ``beta`` the noise precision in
+    (eV/Å)^-2 — scikit-learn's ``lambda_`` and ``alpha_`` respectively.
+    """
+
+    mean: np.ndarray  #: posterior mean m (P,)
+    cov: np.ndarray  #: posterior covariance S (P, P)
+    alpha: float
+    beta: float
+    gamma: float  #: effective number of well-determined parameters
+    n_iter: int
+    converged: bool
+
+
+def evidence_ridge(
+    phi: np.ndarray,
+    y: np.ndarray,
+    tol: float = 0.01,
+    max_iter: int = 500,
+    alpha0: float = 1.0,
+    beta0: float | None = None,
+) -> EvidenceFit:
+    """Bayesian ridge with evidence maximisation (MacKay), as in methods.md §3.
+
+    Iterates ``S = (αI + βΦᵀΦ)⁻¹``, ``m = βSΦᵀy``, ``γ = Σλ/(α/β+λ)``,
+    ``α = γ/|m|²``, ``β = (N−γ)/Σres²`` until α and β change by less than the
+    relative tolerance ``tol``; S and m are then recomputed with the final α, β.
+    Starts from α = ``alpha0``, β = 1/var(y) (scikit-learn's defaults).
+    """
+    phi = np.asarray(phi, dtype=float)
+    y = np.asarray(y, dtype=float).ravel()
+    n, p = phi.shape
+    if y.size != n:
+        raise ValueError(f"design has {n} rows but y has {y.size} entries")
+    if n < 2:
+        raise ValueError("need at least two force components to fit")
+    # One eigendecomposition of ΦᵀΦ makes every iteration O(P²).
+    lam, vec = np.linalg.eigh(phi.T @ phi)
+    lam = np.clip(lam, 0.0, None)
+    proj = vec.T @ (phi.T @ y)
+    alpha = float(alpha0)
+    beta = float(beta0) if beta0 is not None else 1.0 / max(float(np.var(y)), 1e-300)
+
+    def posterior(a: float, b: float) -> tuple[np.ndarray, np.ndarray]:
+        d = 1.0 / (a + b * lam)
+        return vec @ (b * d * proj), d
+
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):
+        m, _ = posterior(alpha, beta)
+        gamma = float(np.sum(beta * lam / (alpha + beta * lam)))
+        res = y - phi @ m
+        new_alpha = gamma / max(float(m @ m), 1e-300)
+        new_beta = (n - gamma) / max(float(res @ res), 1e-300)
+        done = abs(new_alpha - alpha) <= tol * alpha and abs(new_beta - beta) <= tol * beta
+        alpha, beta = new_alpha, new_beta
+        if done:
+            converged = True
+            break
+    m, d = posterior(alpha, beta)
+    cov = (vec * d) @ vec.T
+    gamma = float(np.sum(beta * lam / (alpha + beta * lam)))
+    return EvidenceFit(m, cov, alpha, beta, gamma, it, converged)
+
+
+# ---------------------------------------------------------------- geometry
+def displacements(atoms: Atoms, ideal: Atoms) -> np.ndarray:
+    """Displacements (Å) of ``atoms`` from ``ideal`` under the minimum image,
+    so MD frames whose atoms were wrapped across the cell are handled."""
+    if len(atoms) != len(ideal):
+        raise ValueError(f"{len(atoms)} atoms vs {len(ideal)} in the ideal supercell")
+    cell = np.asarray(ideal.get_cell(), dtype=float)
+    d = atoms.get_positions() - ideal.get_positions()
+    frac = np.linalg.solve(cell.T, d.T).T
+    frac -= np.round(frac)
+    return frac @ cell
+
+
+class _SupercellBasis:
+    """Force constants of one ideal supercell per eigentensor, as sparse matrices.
+
+    For order n the full (all index permutations) force-constant tensor is
+    linear in the eigentensor coefficients c: ``Φ = Σ_e c_e T_e``. Forces are
+    ``F = -Σ_n 1/(n-1)! Φ_n : u^(n-1)``; the design column of eigentensor e is the
+    force with ``c = e_e``. Orders 2 and 3 are CSR matrices acting on u and
+    on vec(u⊗u); higher orders use a generic scatter-add.
+    """
+
+    def __init__(self, cs: Any, ideal: Atoms) -> None:
+        from hiphive.force_constant_model import ForceConstantModel
+
+        with _quiet_hiphive():
+            fcm = ForceConstantModel(ideal, cs)
+        self.ideal = ideal.copy()
+        self.n3 = 3 * len(ideal)
+        self.cvs = np.asarray(cs._cvs.toarray())  # eigentensor coefficients = cvs @ p
+        self.n_et = self.cvs.shape[0]
+        self.orders = sorted(set(cs.cutoffs.orders))
+        # parameter indices of each order, for energies
+        self.param_idx = {o: np.asarray(cs.get_parameter_indices(o)) for o in self.orders}
+        rows: dict[int, list] = {}
+        cols: dict[int, list] = {}
+        vals: dict[int, list] = {}
+        et_index = 0
+        for orbit in fcm.orbits:
+            n = orbit.order
+            n_e = len(orbit.eigentensors)
+            if n_e == 0:
+                continue
+            carts = np.array(list(itertools.product(range(3), repeat=n)))  # (3^n, n)
+            for of in orbit.orientation_families:
+                clusters = np.array([fcm.cluster_list[i] for i in of.cluster_indices])
+                ets = np.asarray(of.eigentensors)
+                seen: list[np.ndarray] = []
+                for perm in itertools.permutations(range(n)):
+                    tup = clusters[:, perm]
+                    # Clusters with repeated atoms give the same tuple for several
+                    # permutations; count each distinct tuple once.
+                    new = np.ones(len(tup), dtype=bool)
+                    for s in seen:
+                        new &= ~np.all(tup == s, axis=1)
+                    seen.append(tup)
+                    if not new.any():
+                        continue
+                    tup = tup[new]
+                    t = ets.transpose(0, *[1 + q for q in perm]).reshape(n_e, -1)
+                    flat = 3 * tup[:, None, :] + carts[None, :, :]  # (C, 3^n, n)
+                    val = np.broadcast_to(t[None], (len(tup), n_e, 3**n))
+                    nz = np.abs(val) > 1e-12
+                    c_i, e_i, k_i = np.nonzero(nz)
+                    idx = flat[c_i, k_i]  # (nnz, n)
+                    rows.setdefault(n, []).append(idx[:, 0] * self.n_et + et_index + e_i)
+                    cols.setdefault(n, []).append(idx[:, 1:])
+                    vals.setdefault(n, []).append(val[nz] * (-1.0 / math.factorial(n - 1)))
+            et_index += n_e
+        self._csr: dict[int, sp.csr_matrix] = {}
+        self._scatter: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for n in rows:
+            r = np.concatenate(rows[n])
+            c = np.concatenate(cols[n])
+            v = np.concatenate(vals[n])
+            if n <= 3:
+                col = c[:, 0] if n == 2 else c[:, 0] * self.n3 + c[:, 1]
+                shape = (self.n3 * self.n_et, self.n3 ** (n - 1))
+                self._csr[n] = sp.csr_matrix((v, (r, col)), shape=shape)
+            else:
+                self._scatter[n] = (r, c.T.astype(np.intp), v)
+
+    def design_by_order(self, u: np.ndarray) -> dict[int, np.ndarray]:
+        """Per-order design blocks (3N × P) for displacements ``u`` (N, 3)."""
+        uf = np.asarray(u, dtype=float).ravel()
+        out = {}
+        for n, mat in self._csr.items():
+            vec = uf if n == 2 else np.outer(uf, uf).ravel()
+            out[n] = (mat @ vec).reshape(self.n3, self.n_et) @ self.cvs
+        for n, (r, c, v) in self._scatter.items():
+            prod = v.copy()
+            for k in range(n - 1):
+                prod *= uf[c[k]]
+            acc = np.bincount(r, prod, minlength=self.n3 * self.n_et)
+            out[n] = acc.reshape(self.n3, self.n_et) @ self.cvs
+        return out
+
+    def design(self, u: np.ndarray) -> np.ndarray:
+        """Design block Φ(u), 3N × P: forces = Φ(u) @ parameters."""
+        blocks = self.design_by_order(u)
+        return sum(blocks.values()) if blocks else np.zeros((self.n3, self.cvs.shape[1]))
+
+    def energy_row(self, u: np.ndarray, blocks: dict[int, np.ndarray]) -> np.ndarray:
+        # E_n = -(1/n) u · F_n, since F_n is homogeneous of degree n-1 in u.
+        uf = np.asarray(u, dtype=float).ravel()
+        return sum(-(uf @ b) / n for n, b in blocks.items())
+
+
+def _as_ase(supercell: Any) -> Atoms:
+    """ASE Atoms from ASE Atoms, PhonopyAtoms or a Phonopy/Phono3py object (its
+    supercell), keeping phonopy's atom order."""
+    if hasattr(supercell, "supercell") and not isinstance(supercell, Atoms):
+        supercell = supercell.supercell
+    if isinstance(supercell, Atoms):
+        return supercell
+    return Atoms(
+        symbols=list(supercell.symbols),
+        cell=np.asarray(supercell.cell),
+        scaled_positions=np.asarray(supercell.scaled_positions),
+        pbc=True,
+    )
+
+
+def _forces_of(atoms: Atoms) -> np.ndarray:
+    if "forces" in atoms.arrays:
+        return np.asarray(atoms.arrays["forces"], dtype=float)
+    if atoms.calc is not None:
+        return np.asarray(atoms.get_forces(), dtype=float)
+    raise ValueError("structure has no forces (no 'forces' array and no calculator)")
+
+
+# ---------------------------------------------------------------- the model
+class BayesianForceConstantModel:
+    """Force-constant expansion with a Bayesian (evidence-maximised ridge) posterior.
+
+    Args:
+        primitive: the ideal primitive (or unit) cell of the ClusterSpace.
+        cutoffs: cluster cutoffs in Å for orders 2, 3, … (hiphive convention).
+        supercell: default ideal supercell for structures given without one.
+        tol: relative tolerance on α and β of the evidence iteration (0.01 as in
+            Callsen et al.).
+        include_noise: add the noise variance 1/β to the predictive variance of
+            each force component in :meth:`force_std` / :meth:`score`.
+    """
+
+    def __init__(
+        self,
+        primitive: Atoms,
+        cutoffs: Sequence[float],
+        supercell: Atoms | None = None,
+        tol: float = 0.01,
+        max_iter: int = 500,
+        include_noise: bool = False,
+    ) -> None:
+        from hiphive import ClusterSpace
+
+        if not tol > 0:
+            raise ValueError(f"tol = {tol!r}: must be > 0")
+        with _quiet_hiphive():
+            self.cs = ClusterSpace(primitive, list(cutoffs))
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+        self.include_noise = bool(include_noise)
+        self._bases: list[_SupercellBasis] = []
+        self._default: _SupercellBasis | None = None
+        if supercell is not None:
+            self._default = self._basis(supercell)
+        self._phi: list[np.ndarray] = []
+        self._y: list[np.ndarray] = []
+        self._structures: list[tuple[Atoms, Atoms]] = []  # (displaced with forces, ideal)
+        self.fit_result: EvidenceFit | None = None
+
+    # ------------------------------------------------------------ bookkeeping
+    @property
+    def n_parameters(self) -> int:
+        return int(self.cs.n_dofs)
+
+    @property
+    def n_structures(self) -> int:
+        return len(self._phi)
+
+    @property
+    def parameters(self) -> np.ndarray:
+        return self._require_fit().mean
+
+    @property
+    def covariance(self) -> np.ndarray:
+        return self._require_fit().cov
+
+    def _require_fit(self) -> EvidenceFit:
+        if self.fit_result is None:
+            raise RuntimeError("model not fitted: call fit() first")
+        return self.fit_result
+
+    def _basis(self, ideal: Atoms | None, atoms: Atoms | None = None) -> _SupercellBasis:
+        """The basis of ``ideal`` (built once per supercell), or the registered
+        supercell that matches ``atoms`` in size and cell."""
+        if ideal is None:
+            if self._default is not None and (atoms is None or len(atoms) == len(self._default.ideal)):
+                return self._default
+            for b in self._bases:
+                if atoms is not None and len(b.ideal) == len(atoms) and np.allclose(
+                    b.ideal.cell, atoms.cell, atol=1e-6
+                ):
+                    return b
+            raise ValueError("no ideal supercell for this structure: pass ideal=...")
+        for b in self._bases:
+            if len(b.ideal) == len(ideal) and np.allclose(b.ideal.cell, ideal.cell, atol=1e-8) \
+                    and np.allclose(b.ideal.positions, ideal.positions, atol=1e-8):
+                return b
+        basis = _SupercellBasis(self.cs, ideal)
+        self._bases.append(basis)
+        return basis
+
+    def design_matrix(self, atoms: Atoms, ideal: Atoms | None = None) -> np.ndarray:
+        """Design block Φ (3N × P) of a configuration: forces = Φ @ parameters."""
+        b = self._basis(ideal, atoms)
+        return b.design(displacements(atoms, b.ideal))
+
+    # ------------------------------------------------------------ training
+    def fit(self, structures: Sequence[Atoms], ideal: Atoms | None = None) -> "BayesianForceConstantModel":
+        """Replace the training set by ``structures`` (displaced supercells with
+        forces, from a calculator or a ``forces`` array) and fit."""
+        self._phi, self._y, self._structures = [], [], []
+        return self.add(structures, ideal, refit=True)
+
+    def add(self, structures: Sequence[Atoms] | Atoms, ideal: Atoms | None = None,
+            refit: bool = True) -> "BayesianForceConstantModel":
+        """Add labelled structures (e.g. the frames the trigger selected), then refit."""
+        if isinstance(structures, Atoms):
+            structures = [structures]
+        for atoms in structures:
+            f = _forces_of(atoms)
+            b = self._basis(ideal, atoms)
+            self._phi.append(b.design(displacements(atoms, b.ideal)))
+            self._y.append(f.ravel())
+            stored = atoms.copy()
+            stored.calc = None
+            stored.arrays["forces"] = f.copy()
+            self._structures.append((stored, b.ideal))
+        if refit:
+            self.refit()
+        return self
+
+    def refit(self) -> EvidenceFit:
+        """Evidence-maximised fit on all stored structures."""
+        if not self._phi:
+            raise RuntimeError("no training structures")
+        phi, y = self.fit_data()
+        self.fit_result = evidence_ridge(phi, y, tol=self.tol, max_iter=self.max_iter)
+        return self.fit_result
+
+    def fit_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """Stacked design matrix and force vector of the training set."""
+        return np.vstack(self._phi), np.concatenate(self._y)
+
+    def structure_container(self) -> Any:
+        """hiphive StructureContainer of the training set (slow: hiphive builds its
+        own fit matrices; for interoperability and cross-checks)."""
+        from hiphive import StructureContainer
+
+        with _quiet_hiphive():
+            sc = StructureContainer(self.cs)
+            for atoms, ideal in self._structures:
+                s = ideal.copy()
+                s.new_array("displacements", displacements(atoms, ideal))
+                s.new_array("forces", atoms.arrays["forces"])
+                sc.add_structure(s)
+        return sc
+
+    # ------------------------------------------------------------ prediction
+    def predict(self, atoms: Atoms, ideal: Atoms | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean forces (N, 3) and std of each force component (N, 3), eV/Å,
+        from one design-block evaluation."""
+        fit = self._require_fit()
+        phi = self.design_matrix(atoms, ideal)
+        return (phi @ fit.mean).reshape(-1, 3), self._std(phi, fit).reshape(-1, 3)
+
+    def _std(self, phi: np.ndarray, fit: EvidenceFit) -> np.ndarray:
+        # diag(Φ S Φᵀ) without forming the 3N × 3N matrix.
+        var = np.einsum("ij,ij->i", phi @ fit.cov, phi)
+        if self.include_noise:
+            var = var + 1.0 / fit.beta
+        return np.sqrt(np.clip(var, 0.0, None))
+
+    def predict_forces(self, atoms: Atoms, ideal: Atoms | None = None) -> np.ndarray:
+        """Posterior mean forces (N, 3) in eV/Å."""
+        fit = self._require_fit()
+        return (self.design_matrix(atoms, ideal) @ fit.mean).reshape(-1, 3)
+
+    def predict_energy(self, atoms: Atoms, ideal: Atoms | None = None) -> float:
+        """Energy (eV) relative to the ideal supercell."""
+        fit = self._require_fit()
+        b = self._basis(ideal, atoms)
+        u = displacements(atoms, b.ideal)
+        return float(b.energy_row(u, b.design_by_order(u)) @ fit.mean)
+
+    def force_std(self, atoms: Atoms, ideal: Atoms | None = None) -> np.ndarray:
+        """Posterior std (eV/Å) of each force component, shape (N, 3)."""
+        return self.predict(atoms, ideal)[1]
+
+    def score(self, atoms: Atoms, ideal: Atoms | None = None) -> float:
+        """Uncertainty score for the trigger: the largest posterior std of a force
+        component, eV/Å (plus noise if ``include_noise``)."""
+        return float(self.force_std(atoms, ideal).max())
+
+    # ------------------------------------------------------------ export
+    def potential(self) -> Any:
+        """hiphive ForceConstantPotential with the posterior-mean parameters."""
+        from hiphive import ForceConstantPotential
+
+        with _quiet_hiphive():
+            return ForceConstantPotential(self.cs, self.parameters)
+
+    def force_constants(self, supercell: Any) -> Any:
+        """hiphive SortedForceConstants on ``supercell`` (ASE Atoms, PhonopyAtoms or a
+        Phonopy object), in that supercell's own atom order."""
+        with _quiet_hiphive():
+            return self.potential().get_force_constants(_as_ase(supercell))
+
+    def calculator(self, supercell: Atoms) -> Calculator:
+        """hiphive's ForceConstantCalculator (an ASE calculator) for fast MD around
+        the ideal ``supercell``."""
+        from hiphive.calculators import ForceConstantCalculator
+
+        return ForceConstantCalculator(self.force_constants(supercell))
+
+    def fc2(self, supercell: Any) -> np.ndarray:
+        """Second-order force constants (n, n, 3, 3) in eV/Å² for phonopy's
+        ``phonon.force_constants``. Pass phonopy's own supercell (or the Phonopy
+        object): hiphive follows the atom order it is given, and a mismatched
+        order gives silently wrong frequencies."""
+        return self.force_constants(supercell).get_fc_array(order=2)
+
+    def fc3(self, supercell: Any) -> np.ndarray:
+        """Third-order force constants (n, n, n, 3, 3, 3) in eV/Å³ for phono3py
+        (``ph3.fc3``), on phono3py's own supercell order."""
+        return self.force_constants(supercell).get_fc_array(order=3)
+
+
+class BayesianCalculator(Calculator):
+    """ASE calculator of the posterior mean; ``results['force_std']`` (N, 3) and
+    ``results['uncertainty']`` (the trigger score, eV/Å) come with every force
+    evaluation at no extra design-block cost."""
+
+    implemented_properties = ["energy", "forces", "force_std", "uncertainty"]
+
+    def __init__(self, model: BayesianForceConstantModel, ideal: Atoms | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.ideal = ideal
+
+    def calculate(self, atoms: Atoms | None = None, properties: Sequence[str] = ("energy",),
+                  system_changes: Sequence[str] = all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        m = self.model
+        fit = m._require_fit()
+        b = m._basis(self.ideal, self.atoms)
+        u = displacements(self.atoms, b.ideal)
+        blocks = b.design_by_order(u)
+        phi = sum(blocks.values())
+        std = m._std(phi, fit)
+        self.results["forces"] = (phi @ fit.mean).reshape(-1, 3)
+        self.results["energy"] = float(b.energy_row(u, blocks) @ fit.mean)
+        self.results["force_std"] = std.reshape(-1, 3)
+        self.results["uncertainty"] = float(std.max())

@@ -1,0 +1,324 @@
+"""Bayesian lattice-dynamics model on Stillinger–Weber Si (64-atom supercell)."""
+
+import numpy as np
+import pytest
+from ase import Atoms, units
+from ase.build import bulk
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import thermalize_momenta
+
+from almd.bayes import BayesianCalculator, BayesianForceConstantModel, evidence_ridge
+
+A_SI = 5.431  # Å, the Stillinger–Weber equilibrium lattice constant
+CUTOFFS = [5.0, 4.0]  # Å; 37 parameters (fc2 to 4th shell, fc3 to the 2nd-neighbour triplets)
+QPOINTS = [[0, 0, 0], [0.5, 0, 0.5], [0.5, 0.5, 0.5], [0.375, 0.375, 0.75]]
+
+
+def sw_calc():
+    from matscipy.calculators.manybody import Manybody
+    from matscipy.calculators.manybody.explicit_forms.stillinger_weber import (
+        Stillinger_Weber_PRB_31_5262_Si,
+        StillingerWeber,
+    )
+
+    return Manybody(**StillingerWeber(Stillinger_Weber_PRB_31_5262_Si))
+
+
+@pytest.fixture(scope="module")
+def si():
+    prim = bulk("Si", "diamond", a=A_SI)
+    conv = bulk("Si", "diamond", a=A_SI, cubic=True)
+    return prim, conv, conv.repeat(2)
+
+
+def labelled(atoms, calc):
+    a = atoms.copy()
+    a.calc = calc
+    a.arrays["forces"] = a.get_forces()
+    a.calc = None
+    return a
+
+
+def rattled(ideal, n, std, seed, calc):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = ideal.copy()
+        a.positions += rng.normal(0, std, a.positions.shape)
+        out.append(labelled(a, calc))
+    return out
+
+
+def sw_md(ideal, temperature, seed, calc, steps=70, every=10, skip=30):
+    """Short Langevin run (2 fs) with SW; frames (with SW forces) after `skip` steps."""
+    a = ideal.copy()
+    a.calc = calc
+    # Start at 2T: equipartition brings the kinetic temperature down to ~T quickly.
+    thermalize_momenta(a, temperature_K=2 * temperature, rng=np.random.default_rng(seed))
+    dyn = Langevin(a, 2 * units.fs, temperature_K=temperature, friction=0.02 / units.fs,
+                   fixcm=False, rng=np.random.default_rng(seed + 1))
+    frames = []
+    for step in range(every, steps + 1, every):
+        dyn.run(every)
+        if step >= skip:
+            frames.append(labelled(a, calc))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def sw():
+    return sw_calc()
+
+
+@pytest.fixture(scope="module")
+def model(si, sw):
+    prim, _, ideal = si
+    m = BayesianForceConstantModel(prim, CUTOFFS, supercell=ideal)
+    # Gaussian displacements of about the 300 K amplitude (0.06 Å rms).
+    m.fit(rattled(ideal, 5, 0.06, 0, sw))
+    return m
+
+
+@pytest.fixture(scope="module")
+def frames_300(si, sw):
+    return sw_md(si[2], 300, 11, sw)
+
+
+@pytest.fixture(scope="module")
+def frames_1500(si, sw):
+    return sw_md(si[2], 1500, 23, sw)
+
+
+# ------------------------------------------------------------------ the fit
+def _sklearn(phi, y):
+    from sklearn.linear_model import BayesianRidge
+
+    # Hyperpriors ~0 and no intercept reduce sklearn's update to MacKay's.
+    br = BayesianRidge(fit_intercept=False, alpha_1=1e-12, alpha_2=1e-12, lambda_1=1e-12,
+                       lambda_2=1e-12, tol=1e-12, max_iter=10000)
+    return br.fit(phi, y)
+
+
+def test_evidence_ridge_matches_sklearn_on_design_matrix(model):
+    phi, y = model.fit_data()
+    br = _sklearn(phi, y)
+    tight = evidence_ridge(phi, y, tol=1e-10)
+    assert tight.converged
+    # sklearn: alpha_ = noise precision (our β), lambda_ = weight precision (our α).
+    assert tight.beta == pytest.approx(br.alpha_, rel=1e-6)
+    assert tight.alpha == pytest.approx(br.lambda_, rel=1e-6)
+    scale = np.abs(tight.mean).max()
+    assert np.abs(tight.mean - br.coef_).max() < 1e-6 * scale
+    assert np.abs(tight.cov - br.sigma_).max() < 1e-6 * np.abs(br.sigma_).max()
+    # The default tolerance of methods.md (0.01 on α and β) is close enough.
+    loose = model.fit_result
+    assert loose.converged and loose.n_iter < 50
+    assert loose.beta == pytest.approx(br.alpha_, rel=0.05)
+    assert loose.alpha == pytest.approx(br.lambda_, rel=0.05)
+    assert np.abs(loose.mean - br.coef_).max() < 1e-3 * scale
+
+
+def test_evidence_ridge_synthetic_recovers_noise():
+    rng = np.random.default_rng(0)
+    phi = rng.normal(size=(2000, 10))
+    w = rng.normal(size=10)
+    y = phi @ w + rng.normal(0, 0.1, 2000)
+    fit = evidence_ridge(phi, y, tol=1e-8)
+    assert fit.beta == pytest.approx(100, rel=0.1)  # noise std 0.1
+    assert np.abs(fit.mean - w).max() < 0.01
+    assert fit.gamma == pytest.approx(10, abs=0.01)  # all parameters determined
+    br = _sklearn(phi, y)
+    np.testing.assert_allclose(fit.cov, br.sigma_, rtol=1e-6, atol=1e-12)
+
+
+def test_design_matrix_equals_hiphive_force_constants(model, si):
+    """Φ(u) p equals the forces of hiphive's own force constants for parameters p
+    (full fc2/fc3 arrays contracted with u): checks our sparse expansion."""
+    from hiphive.force_constant_model import ForceConstantModel
+
+    ideal = si[2]
+    rng = np.random.default_rng(4)
+    fcm = ForceConstantModel(ideal, model.cs)
+    p = rng.normal(size=model.n_parameters)
+    fcm.parameters = p
+    fcs = fcm.get_force_constants()
+    fc2, fc3 = fcs.get_fc_array(order=2), fcs.get_fc_array(order=3)
+    u = rng.normal(0, 0.1, (len(ideal), 3))
+    forces = -np.einsum("ijab,jb->ia", fc2, u) - 0.5 * np.einsum("ijkabc,jb,kc->ia", fc3, u, u)
+    a = ideal.copy()
+    a.positions += u
+    phi = model.design_matrix(a)
+    assert phi.shape == (3 * len(ideal), 37)
+    assert np.abs(phi @ p - forces.ravel()).max() < 1e-10 * np.abs(forces).max()
+
+
+@pytest.mark.slow  # hiphive's fit matrix is numba-compiled on first use (~10-20 s)
+def test_design_matrix_equals_hiphive_structure_container(si, sw):
+    prim, _, ideal = si
+    m = BayesianForceConstantModel(prim, CUTOFFS, supercell=ideal)
+    m.fit(rattled(ideal, 1, 0.08, 5, sw))
+    assert m.n_parameters == 37
+    phi_hiphive, y_hiphive = m.structure_container().get_fit_data()
+    phi, y = m.fit_data()
+    assert np.abs(phi - phi_hiphive).max() < 1e-10 * np.abs(phi).max()
+    np.testing.assert_array_equal(y, y_hiphive)
+
+
+# ------------------------------------------------------------------ prediction
+def test_forces_on_heldout_300K_md_frames(model, frames_300):
+    err, ref = [], []
+    for f in frames_300:
+        err.append(model.predict_forces(f) - f.arrays["forces"])
+        ref.append(f.arrays["forces"])
+    rmse = np.sqrt(np.mean(np.square(err)))
+    scale = np.sqrt(np.mean(np.square(ref)))
+    assert scale > 0.5  # eV/Å: real thermal forces
+    assert rmse < 0.05 * scale, (rmse, scale)
+
+
+def test_md_calculators_agree(model, si, frames_300):
+    ideal = si[2]
+    a = frames_300[0].copy()
+    mean, std = model.predict(a)
+    a.calc = model.calculator(ideal)  # hiphive's ForceConstantCalculator
+    np.testing.assert_allclose(a.get_forces(), mean, atol=1e-10)
+    e_fcc = a.get_potential_energy()
+    a.calc = BayesianCalculator(model)
+    np.testing.assert_allclose(a.get_forces(), mean, atol=1e-10)
+    assert a.get_potential_energy() == pytest.approx(e_fcc, abs=1e-8)
+    assert a.calc.results["uncertainty"] == pytest.approx(std.max(), rel=1e-12)
+
+
+def test_energy_is_consistent_with_forces(model, frames_300):
+    a = frames_300[1].copy()
+    f = model.predict_forces(a)
+    h = 1e-4
+    for i, k in [(0, 0), (17, 1), (40, 2)]:
+        p, q = a.copy(), a.copy()
+        p.positions[i, k] += h
+        q.positions[i, k] -= h
+        fd = -(model.predict_energy(p) - model.predict_energy(q)) / (2 * h)
+        assert fd == pytest.approx(f[i, k], abs=1e-6)
+
+
+def test_minimum_image_wrapped_frames(model, frames_300):
+    a = frames_300[2].copy()
+    a.positions[0] = a.positions[0] - [1e-3, 1e-3, 1e-3]  # atom 0 sits at the origin
+    b = a.copy()
+    b.wrap()
+    assert not np.allclose(a.positions, b.positions)
+    np.testing.assert_allclose(model.predict_forces(b), model.predict_forces(a), atol=1e-12)
+
+
+def test_uncertainty_larger_far_from_training(model, frames_300, frames_1500):
+    s300 = np.array([model.score(f) for f in frames_300])
+    s1500 = np.array([model.score(f) for f in frames_1500])
+    assert s1500.min() > 2 * s300.max(), (s300, s1500)
+    # And the model is really worse there: the score orders the errors.
+    e300 = max(np.abs(model.predict_forces(f) - f.arrays["forces"]).max() for f in frames_300)
+    e1500 = max(np.abs(model.predict_forces(f) - f.arrays["forces"]).max() for f in frames_1500)
+    assert e1500 > e300
+
+
+def test_add_refit_more_data_lowers_uncertainty(si, sw, model, frames_300, frames_1500):
+    prim, _, ideal = si
+    train = rattled(ideal, 5, 0.06, 0, sw)  # the module model's training set
+    m = BayesianForceConstantModel(prim, CUTOFFS, supercell=ideal)
+    m.fit(train[:2])
+    before = np.array([m.score(f) for f in frames_300])
+    m.add(train[2:])
+    assert m.n_structures == 5
+    np.testing.assert_allclose(m.parameters, model.parameters, rtol=1e-12, atol=1e-14)
+    after = np.array([m.score(f) for f in frames_300])
+    # Same data distribution, 2.5x the data: std ~ 1/sqrt(2.5) = 0.63.
+    assert np.all(after < 0.8 * before), (before, after)
+    # A labelled far frame fixes the model there. (Its score need not drop: the
+    # evidence fit lowers β when the data show anharmonic residuals.)
+    far = frames_1500[0]
+
+    def rmse():
+        return np.sqrt(np.mean(np.square(m.predict_forces(far) - far.arrays["forces"])))
+
+    err_before = rmse()
+    m.add(far)
+    assert rmse() < 0.8 * err_before, (err_before, rmse())
+
+
+def test_noise_option_adds_inverse_beta(model, frames_300):
+    a = frames_300[0]
+    _, std = model.predict(a)
+    model.include_noise = True
+    try:
+        _, std_n = model.predict(a)
+    finally:
+        model.include_noise = False
+    np.testing.assert_allclose(std_n**2, std**2 + 1 / model.fit_result.beta, rtol=1e-10)
+
+
+def test_errors_are_explicit(si):
+    prim, _, ideal = si
+    m = BayesianForceConstantModel(prim, [4.0])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        m.predict_forces(ideal)
+    with pytest.raises(ValueError, match="no forces"):
+        m.fit([ideal.copy()], ideal=ideal)
+    with pytest.raises(ValueError, match="ideal supercell"):
+        m.fit([Atoms("Si3", positions=np.eye(3), cell=np.eye(3) * 9, pbc=True)])
+
+
+# ------------------------------------------------------------------ phonons
+def _phonopy(conv):
+    from phonopy import Phonopy
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    uc = PhonopyAtoms(symbols=conv.get_chemical_symbols(), cell=conv.cell[:],
+                      scaled_positions=conv.get_scaled_positions())
+    return Phonopy(uc, supercell_matrix=np.diag([2, 2, 2]), primitive_matrix="auto")
+
+
+def _freqs(ph):
+    return ph.run_qpoints(QPOINTS).frequencies
+
+
+@pytest.mark.filterwarnings("ignore::Warning")
+def test_fc2_gives_phonopy_frequencies_of_sw(model, si, sw):
+    conv, ideal = si[1], si[2]
+    ref = _phonopy(conv)
+    ref.generate_displacements(distance=0.01)
+    forces = []
+    for s in ref.supercells_with_displacements:
+        a = Atoms(s.symbols, cell=s.cell, scaled_positions=s.scaled_positions, pbc=True)
+        a.calc = sw
+        forces.append(a.get_forces())
+    ref.forces = np.array(forces)
+    ref.produce_force_constants()
+    f_ref = _freqs(ref)
+
+    ph = _phonopy(conv)
+    ph.force_constants = model.fc2(ph)  # evaluated on phonopy's own supercell
+    f_bay = _freqs(ph)
+    assert f_ref.max() == pytest.approx(17.8, abs=0.3)  # THz, SW optical at Γ
+    assert np.abs(f_bay - f_ref).max() < 0.3  # THz (~2 %)
+
+    # The hiphive gotcha: force constants in another atom order look fine but
+    # give wrong frequencies. The test guards that fc2(ph) avoids it.
+    ph.force_constants = model.fc2(ideal)
+    assert np.abs(_freqs(ph) - f_ref).max() > 1.0
+
+
+@pytest.mark.filterwarnings("ignore::Warning")
+def test_fc3_for_phono3py_is_symmetric(model, si):
+    from phono3py import Phono3py
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    conv = si[1]
+    uc = PhonopyAtoms(symbols=conv.get_chemical_symbols(), cell=conv.cell[:],
+                      scaled_positions=conv.get_scaled_positions())
+    ph3 = Phono3py(uc, supercell_matrix=np.diag([2, 2, 2]), primitive_matrix="auto")
+    fc3 = model.fc3(ph3)
+    n = len(ph3.supercell)
+    assert fc3.shape == (n, n, n, 3, 3, 3)
+    assert np.abs(fc3).max() > 1.0  # eV/Å³: SW Si is anharmonic
+    np.testing.assert_allclose(fc3, fc3.transpose(1, 0, 2, 4, 3, 5), atol=1e-10)
+    np.testing.assert_allclose(fc3, fc3.transpose(0, 2, 1, 3, 5, 4), atol=1e-10)
+    assert np.abs(fc3.sum(axis=2)).max() < 1e-8  # acoustic sum rule
