@@ -263,7 +263,9 @@ def test_errors_are_explicit(si):
     with pytest.raises(ValueError, match="no forces"):
         m.fit([ideal.copy()], ideal=ideal)
     with pytest.raises(ValueError, match="ideal supercell"):
-        m.fit([Atoms("Si3", positions=np.eye(3), cell=np.eye(3) * 9, pbc=True)])
+        odd = Atoms("Si3", positions=np.eye(3), cell=np.eye(3) * 9, pbc=True)
+        odd.arrays["forces"] = np.zeros((3, 3))
+        m.fit([odd])
 
 
 # ------------------------------------------------------------------ phonons
