@@ -109,6 +109,12 @@ def has_hessian(calc: AseCalculator) -> bool:
     """True if the calculator gives an analytic or autodiff Hessian."""
     if callable(getattr(calc, "get_hessian", None)):
         return True
+    return has_analytic_hessian(calc)
+
+
+def has_analytic_hessian(calc: AseCalculator) -> bool:
+    """A closed-form Hessian (matscipy) costs about one force call; an autodiff one
+    costs 3N Hessian-vector products, far more than phonopy's few displacements."""
     return "hessian" in getattr(calc, "implemented_properties", ())
 
 

@@ -7,6 +7,8 @@ of the MDR benchmark and of the chalcogenide comparison table.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from almd.phonons._calculators import (
     calculator_label,
     compute_forces,
     get_hessian,
+    has_analytic_hessian,
     has_hessian,
     hessian_to_fc,
     resolve_calculator,
@@ -70,6 +73,14 @@ def supercell_matrix(supercell: int | Sequence[int] | Sequence[Sequence[int]]) -
 
 
 # ---------------------------------------------------------------- relaxation
+def _single_threaded_blas() -> Any:
+    try:  # threadpoolctl arrives with scikit-learn (hiphive); optional here
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def relax_structure(
     atoms: Atoms, calculator: str | AseCalculator, fmax: float = 0.005, steps: int = 1000
 ) -> Atoms:
@@ -81,7 +92,11 @@ def relax_structure(
     relaxed = atoms.copy()
     relaxed.calc = resolve_calculator(calculator)
     relaxed.set_constraint(FixSymmetry(relaxed))
-    FIRE(FrechetCellFilter(relaxed), logfile=None).run(fmax=fmax, steps=steps)
+    # The cell filter does thousands of 3×3 solves (expm_frechet); multithreaded
+    # OpenBLAS on busy shared cores made them ~15× slower.  Only numpy/scipy's BLAS
+    # is limited: torch threads through its own OpenMP.
+    with _single_threaded_blas():
+        FIRE(FrechetCellFilter(relaxed), logfile=None).run(fmax=fmax, steps=steps)
     relaxed.set_constraint()
     out = relaxed.copy()  # drop the calculator: Atoms in, Atoms out
     return out
@@ -95,7 +110,10 @@ def build_phonopy(
     symprec: float = 1e-5,
 ) -> Phonopy:
     unit = atoms if isinstance(atoms, PhonopyAtoms) else to_phonopy_atoms(atoms)
-    return Phonopy(unit, supercell_matrix=supercell_matrix(supercell), primitive_matrix=primitive, symprec=symprec)
+    with warnings.catch_warnings():
+        # phonopy 4 warns whenever 'auto' finds a non-identity matrix; here 'auto' is a choice.
+        warnings.simplefilter("ignore")
+        return Phonopy(unit, supercell_matrix=supercell_matrix(supercell), primitive_matrix=primitive, symprec=symprec)
 
 
 def _is_random_dataset(dataset: dict | None) -> bool:
@@ -108,7 +126,9 @@ def set_forces_and_fc(ph: Phonopy, forces: np.ndarray, fc_calculator: str | None
     ph.forces = forces
     if fc_calculator is None and _is_random_dataset(ph.dataset):
         fc_calculator = "symfc"
-    ph.produce_force_constants(fc_calculator=fc_calculator, show_drift=False)
+    # Compact force constants (n_prim, n_super, 3, 3): the 216–768-atom reference
+    # supercells would otherwise spend most of their time building the full array.
+    ph.produce_force_constants(fc_calculator=fc_calculator, calculate_full_force_constants=False, show_drift=False)
     if fc_calculator in (None, "traditional"):
         # The MDR protocol symmetrises force constants (translational invariance,
         # index permutation); symfc's fit is symmetric already.
@@ -143,12 +163,16 @@ def phonopy_from_calculator(
     """A Phonopy object with force constants from the calculator.
 
     method: "displacement" (phonopy finite displacements of `distance` Å),
-    "hessian" (the calculator's own Hessian of the perfect supercell),
-    "auto" (Hessian when the calculator has one).
+    "hessian" (the calculator's own Hessian of the perfect supercell: almd's
+    autodiff `get_hessian` or matscipy's analytic one), "auto" (the Hessian only
+    when it is analytic and cheap; autodiff Hessians of large supercells cost
+    3N Hessian-vector products, more than a handful of displacements).
     """
     calc = resolve_calculator(calculator)
     ph = build_phonopy(atoms, supercell, primitive)
-    use_hessian = method == "hessian" or (method == "auto" and has_hessian(calc))
+    if method == "hessian" and not has_hessian(calc):
+        raise ValueError(f"{calculator_label(calculator)} has no Hessian; use method='displacement'")
+    use_hessian = method == "hessian" or (method == "auto" and has_analytic_hessian(calc))
     if method not in ("auto", "hessian", "displacement"):
         raise ValueError(f"method must be auto, hessian or displacement, got {method!r}")
     if use_hessian:
@@ -161,20 +185,16 @@ def phonopy_from_calculator(
 def phonopy_on_dataset(reference: Phonopy, calculator: str | AseCalculator, subtract_residual: bool = True) -> Phonopy:
     """The model on exactly the reference's supercell and displacement set."""
     calc = resolve_calculator(calculator)
-    ph = Phonopy(
-        reference.unitcell,
-        supercell_matrix=reference.supercell_matrix,
-        primitive_matrix=reference.primitive_matrix,
-        symprec=reference.symmetry.tolerance,
-    )
+    # A shallow copy shares the cells and the symmetry search (15–30 s for the
+    # 512-atom reference supercells); everything the model changes — data set,
+    # forces, force constants, dynamical matrix — is replaced, not mutated.
+    ph = copy.copy(reference)
     dataset = {k: v for k, v in reference.dataset.items() if k not in ("forces", "supercell_energies")}
     if "first_atoms" in dataset:
         dataset["first_atoms"] = [{k: v for k, v in d.items() if k != "forces"} for d in dataset["first_atoms"]]
-    ph.dataset = dataset
-    if reference.nac_params is not None:
-        # Born charges and ε∞ are electronic: a force field cannot supply them,
-        # so the comparison uses the reference's for both.
-        ph.nac_params = reference.nac_params
+    ph.dataset = copy.deepcopy(dataset)
+    # Born charges and ε∞ (if any) stay the reference's: they are electronic and a
+    # force field cannot supply them.
     return set_forces_and_fc(ph, displaced_forces(ph, calc, subtract_residual))
 
 

@@ -124,10 +124,16 @@ def kappa(
             n_cells += len(ph3.phonon_supercells_with_displacements)
     t_forces = time.perf_counter()
 
+    # Random displacements need a fit (symfc); single/pair displacements are solved
+    # directly and then symmetrised, as phono3py's command line does.
     fc_calc = "symfc" if _is_random_dataset(ph3.dataset) else None
-    ph3.produce_fc3(symmetrize_fc3r=fc_calc is None, fc_calculator=fc_calc)
+    ph3.produce_fc3(fc_calculator=fc_calc)
+    if fc_calc is None:
+        ph3.symmetrize_fc3()
     fc2_calc = "symfc" if _is_random_dataset(ph3.phonon_dataset or ph3.dataset) else None
-    ph3.produce_fc2(symmetrize_fc2=fc2_calc is None, fc_calculator=fc2_calc)
+    ph3.produce_fc2(fc_calculator=fc2_calc)
+    if fc2_calc is None:
+        ph3.symmetrize_fc2()
     t_fc = time.perf_counter()
 
     ph3.mesh_numbers = list(mesh)

@@ -99,8 +99,10 @@ def load_reference(path: str | Path) -> PhononReference:
         return PhononReference(str(file), _harmonic_from_phono3py(ph3), ph3)
     import phonopy
 
-    ph = phonopy.load(file, produce_fc=True, log_level=0)
-    return PhononReference(str(file), ph)
+    # Force constants through the same path as the model's (traditional
+    # symmetrisation); phonopy.load's symfc projector takes ~30 s per 512-atom cell.
+    ph = phonopy.load(file, produce_fc=False, log_level=0)
+    return PhononReference(str(file), set_forces_and_fc(ph, ph.forces))
 
 
 def as_reference(ref: str | Path | PhononReference) -> PhononReference:
