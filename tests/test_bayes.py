@@ -324,3 +324,57 @@ def test_fc3_for_phono3py_is_symmetric(model, si):
     np.testing.assert_allclose(fc3, fc3.transpose(1, 0, 2, 4, 3, 5), atol=1e-10)
     np.testing.assert_allclose(fc3, fc3.transpose(0, 2, 1, 3, 5, 4), atol=1e-10)
     assert np.abs(fc3.sum(axis=2)).max() < 1e-8  # acoustic sum rule
+    # Consistent with the model's forces on phono3py's (re-ordered) supercell.
+    s = ph3.supercell
+    ideal = Atoms(s.symbols, cell=s.cell, scaled_positions=s.scaled_positions, pbc=True)
+    fc2 = model.fc2(ph3)
+    u = np.random.default_rng(9).normal(0, 0.05, (n, 3))
+    a = ideal.copy()
+    a.positions += u
+    f = -np.einsum("ijab,jb->ia", fc2, u) - 0.5 * np.einsum("ijkabc,jb,kc->ia", fc3, u, u)
+    np.testing.assert_allclose(model.predict_forces(a, ideal=ideal), f, atol=1e-10)
+
+
+# ------------------------------------------------------------------ with the trigger
+def test_active_learning_loop_with_trigger(si, sw, frames_1500):
+    """BayLMD loop: MD on the model, trigger on its score, SW labels, refit.
+    Quiet at 300 K; after a sudden heating to 1500 K the trigger calls, and the
+    labels lower the model's error at 1500 K."""
+    from almd.trigger import Trigger, TriggerSettings, select_frames
+
+    prim, _, ideal = si
+    m = BayesianForceConstantModel(prim, CUTOFFS, supercell=ideal)
+    m.fit(rattled(ideal, 2, 0.01, 0, sw))  # Callsen et al.: 0.01 Å initial set
+
+    def rmse():
+        return np.sqrt(np.mean([np.mean(np.square(m.predict_forces(f) - f.arrays["forces"]))
+                                for f in frames_1500]))
+
+    err0 = rmse()
+    trig = Trigger(TriggerSettings(window=100, min_history=10, abs_cap=None, min_spacing=10))
+    a = ideal.copy()
+    a.calc = BayesianCalculator(m)
+    thermalize_momenta(a, temperature_K=600, rng=np.random.default_rng(5))
+    dyn = Langevin(a, 2 * units.fs, temperature_K=300, friction=0.01 / units.fs,
+                   fixcm=False, rng=np.random.default_rng(6))
+    decisions, candidates = [], []
+    for step in range(200):
+        if step == 100:  # sudden heating: kinetic energy × 5
+            a.set_momenta(np.sqrt(5) * a.get_momenta())
+            dyn.set_temperature(temperature_K=1500)
+        dyn.run(1)
+        d = trig.update(step, a.calc.results["uncertainty"])
+        decisions.append(d)
+        if d.candidate:
+            candidates.append((d.score, a.copy()))
+        if d.call:
+            scores, frames = zip(*candidates)
+            (best,) = select_frames(scores, frames, max_frames=1)
+            m.add(labelled(frames[best], sw))
+            candidates.clear()
+            a.calc.results.clear()  # the model changed under the walker
+    steps = [d.step for d in decisions if d.call]
+    assert steps and min(steps) > 100, steps
+    assert np.all(np.diff(steps) >= 10)
+    assert not any(d.stop for d in decisions)
+    assert rmse() < 0.85 * err0, (err0, rmse())
