@@ -285,9 +285,25 @@ def _classify(exc: BaseException) -> str:
     return "scf" if "converg" in text else "exception"
 
 
-def _worker(conn: Any, spec: tuple[str, dict], atoms: Atoms, workdir: str, sys_path: list[str]) -> None:
+def _limit_threads(threads: int) -> None:
+    # Cores are shared (other workers, MD, training): oversubscribed OpenMP made a
+    # GPAW run 10x slower here. Env for codes loaded from now on (gpaw, pw.x),
+    # threadpoolctl for the BLAS the forkserver already loaded.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)
+    except ImportError:
+        pass
+
+
+def _worker(conn: Any, spec: tuple[str, dict], atoms: Atoms, workdir: str, sys_path: list[str],
+            threads: int) -> None:
     """Runs in the child: one calculation, the outcome sent back as a plain dict."""
     os.setsid()  # own process group: a timeout kill also reaches pw.x / mpirun children
+    _limit_threads(threads)
     for p in reversed(sys_path):  # make the parent's test/user modules importable
         if p not in sys.path:
             sys.path.insert(0, p)
@@ -340,12 +356,14 @@ class Oracle:
     each attempt; ``retries`` extra attempts follow any failure (a hung or
     crashed DFT run often succeeds the second time; deterministic errors just
     cost one more try). ``database`` (path or LabelDatabase): already-labelled
-    structures are read from it, every outcome is written to it.
+    structures are read from it, every outcome is written to it. ``threads``:
+    OpenMP/BLAS threads of the worker (MPI-parallel DFT: put mpirun in the
+    calculator's command instead).
     """
 
     def __init__(self, spec: Any, *, timeout: float = 3600.0, retries: int = 1,
                  workdir: str | Path | None = None, database: LabelDatabase | str | Path | None = None,
-                 name: str | None = None, **overrides: Any) -> None:
+                 name: str | None = None, threads: int = 1, **overrides: Any) -> None:
         if timeout <= 0 or retries < 0:
             raise OracleConfigError(f"need timeout > 0 and retries >= 0, got {timeout}, {retries}")
         self.spec_name, self.kwargs = resolve_spec(spec, **overrides)
@@ -356,6 +374,7 @@ class Oracle:
         self.name = name or self.spec_name
         self.timeout = float(timeout)
         self.retries = int(retries)
+        self.threads = int(threads)
         self.workdir = Path(workdir) if workdir is not None else Path.cwd() / "oracle-runs"
         if database is not None and not isinstance(database, LabelDatabase):
             database = LabelDatabase(database)
@@ -389,7 +408,8 @@ class Oracle:
         clean = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc,
                       magmoms=atoms.get_initial_magnetic_moments())
         proc = ctx.Process(target=_worker, daemon=True,
-                           args=(child, (self.spec_name, self.kwargs), clean, workdir, list(sys.path)))
+                           args=(child, (self.spec_name, self.kwargs), clean, workdir, list(sys.path),
+                                 self.threads))
         proc.start()
         child.close()  # so that a dead worker shows up as EOF instead of a hang
         try:
