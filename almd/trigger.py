@@ -188,6 +188,16 @@ class Decision:
         """True when some criterion was met (called or not)."""
         return bool(self.reasons)
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-JSON record for the label's provenance (threshold in eV/Å etc.)."""
+        d = asdict(self)
+        d["action"] = self.action.value
+        d["reasons"] = list(self.reasons)
+        for key in ("score", "rolling_mean", "threshold"):
+            if not math.isfinite(d[key]):
+                d[key] = None  # JSON has no nan
+        return d
+
 
 class Trigger:
     """Stateful trigger over a stream of per-step uncertainty scores (eV/Å)."""

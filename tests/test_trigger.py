@@ -93,6 +93,14 @@ def test_hard_cap_brakes_at_once_and_rolls_back():
     assert trig.n_brakes == 1
 
 
+def test_decision_record_is_plain_json():
+    trig = Trigger()
+    first = trig.update(0, 0.05)
+    rec = json.loads(json.dumps(first.as_dict(), allow_nan=False))
+    assert rec["action"] == "label" and rec["reasons"] == ["absolute"]
+    assert rec["rolling_mean"] is None and rec["threshold"] == 0.02
+
+
 def test_nan_score_brakes():
     trig = Trigger()
     run(trig, noise(50))
