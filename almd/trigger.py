@@ -205,13 +205,17 @@ class Trigger:
     def __init__(self, settings: TriggerSettings | None = None) -> None:
         self.settings = settings or TriggerSettings()
         s = self.settings
-        self._window: deque[float] = deque(maxlen=s.window)
+        # Twice the window is kept so that a rollback (brake) can restore the
+        # entries the abandoned branch pushed out; only the last `window` count.
+        self._window: deque[float] = deque(maxlen=2 * s.window)
+        self._wsteps: deque[int] = deque(maxlen=2 * s.window)  # step of each entry
         self._last_step: int | None = None
         self._last_call: int | None = None
         self._last_avg_call: int | None = None
         self._last_trusted: int | None = None
         self._threshold: float | None = s.abs_cap
-        self._adapt: deque[float] = deque(maxlen=s.adaptive_history)
+        self._adapt: deque[float] = deque(maxlen=2 * s.adaptive_history)
+        self._asteps: deque[int] = deque(maxlen=2 * s.adaptive_history)
         # Convergence: consecutive call-free blocks of `window` steps whose
         # trajectory-averaged error stayed below target.
         self._block_start: int | None = None
@@ -225,7 +229,8 @@ class Trigger:
     def rolling_mean(self) -> float:
         """Trajectory-averaged error (eV/Å) over the window; nan when empty."""
         # fsum: order-independent exact sum, so restored state gives identical means.
-        return math.fsum(self._window) / len(self._window) if self._window else math.nan
+        recent = _last(self._window, self.settings.window)
+        return math.fsum(recent) / len(recent) if recent else math.nan
 
     @property
     def threshold(self) -> float | None:
@@ -248,7 +253,8 @@ class Trigger:
         """Feed the score (eV/Å) of MD step ``step``; return what to do.
 
         Steps must increase strictly: a repeated step after a restart would
-        otherwise count a frame twice.
+        otherwise count a frame twice. After a brake, steps after ``rollback_to``
+        are accepted again (the walker re-runs them).
         """
         s = self.settings
         step = int(step)
@@ -269,23 +275,25 @@ class Trigger:
             reason = "non_finite" if not math.isfinite(score) else "hard_cap"
             self.n_brakes += 1
             self._register_call(step)
+            self._rollback(self._last_trusted)
             return Decision(step, score, Action.BRAKE, (reason,), mean, thr_out,
                             rollback_to=self._last_trusted)
 
         reasons: list[str] = []
-        enough = len(self._window) >= s.min_history
+        enough = min(len(self._window), s.window) >= s.min_history
         if enough and score > s.rel_factor * mean:
             reasons.append("relative")
         if thr is not None and score > thr:
             reasons.append("absolute")
         # The average criterion looks at the window including this step.
         self._window.append(score)
+        self._wsteps.append(step)
         new_mean = self.rolling_mean
         avg_hit = s.target is not None and enough and new_mean > s.target
         if avg_hit:
             reasons.append("average")
             self._block_ok = False
-        self._adapt_threshold(score)
+        self._adapt_threshold(step, score)
 
         spaced = self._last_call is None or step - self._last_call >= s.min_spacing
         fire = bool(reasons) and spaced
@@ -303,6 +311,16 @@ class Trigger:
             self._close_block(step)
         return Decision(step, score, Action.LABEL if fire else Action.NONE,
                         tuple(reasons), mean, thr_out, suppressed=bool(reasons) and not fire)
+
+    def _rollback(self, to: int | None) -> None:
+        """Forget the abandoned branch: the walker re-runs the steps after ``to``
+        (with the refitted model), so their old scores must not stay in the
+        history, and their step numbers must be accepted again."""
+        for scores, steps in ((self._window, self._wsteps), (self._adapt, self._asteps)):
+            while steps and (to is None or steps[-1] > to):
+                steps.pop()
+                scores.pop()
+        self._last_step = to
 
     def _register_call(self, step: int) -> None:
         self._last_call = step
@@ -323,15 +341,16 @@ class Trigger:
             self._block_start = step
             self._block_ok = True
 
-    def _adapt_threshold(self, score: float) -> None:
+    def _adapt_threshold(self, step: int, score: float) -> None:
         """VASP ML_ICRITERIA=1-like update: only when the history is stable."""
         s = self.settings
         if not s.adaptive:
             return
         self._adapt.append(score)
-        if len(self._adapt) < s.adaptive_history:
+        self._asteps.append(step)
+        if len(self._adapt) < s.adaptive_history:  # (cleared after each update)
             return
-        h = np.fromiter(self._adapt, dtype=float)
+        h = np.array(_last(self._adapt, s.adaptive_history), dtype=float)
         mean = float(h.mean())
         if mean <= 0:
             return
@@ -344,6 +363,7 @@ class Trigger:
             self._threshold = mean * (1.0 + s.adaptive_cx)
             # A fresh history must build up before the next update (as VASP does).
             self._adapt.clear()
+            self._asteps.clear()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -352,7 +372,9 @@ class Trigger:
             "version": _STATE_VERSION,
             "settings": asdict(self.settings),
             "window": list(self._window),
+            "window_steps": list(self._wsteps),
             "adapt": list(self._adapt),
+            "adapt_steps": list(self._asteps),
             "last_step": self._last_step,
             "last_call": self._last_call,
             "last_avg_call": self._last_avg_call,
@@ -372,6 +394,8 @@ class Trigger:
         trig = cls(TriggerSettings.from_dict(state["settings"]))
         trig._window.extend(float(v) for v in state["window"])
         trig._adapt.extend(float(v) for v in state["adapt"])
+        trig._wsteps.extend(int(v) for v in state["window_steps"])
+        trig._asteps.extend(int(v) for v in state["adapt_steps"])
         trig._last_step = state["last_step"]
         trig._last_call = state["last_call"]
         trig._last_avg_call = state["last_avg_call"]
@@ -391,6 +415,11 @@ class Trigger:
     @classmethod
     def from_json(cls, text: str) -> "Trigger":
         return cls.from_state_dict(json.loads(text))
+
+
+def _last(d: deque, n: int) -> list:
+    """The last ``n`` entries of a deque, oldest first."""
+    return list(d)[-n:] if len(d) > n else list(d)
 
 
 # ---------------------------------------------------------------------- frames

@@ -91,6 +91,30 @@ def test_hard_cap_brakes_at_once_and_rolls_back():
     # The unphysical score does not pollute the trajectory average.
     assert max(trig._window) < 0.06
     assert trig.n_brakes == 1
+    assert calls(dec[104:]) == []  # nothing after the brake in this stream
+
+
+def test_brake_rollback_forgets_abandoned_branch():
+    s = noise(200)
+    trig = Trigger(TriggerSettings(window=100, min_spacing=10))
+    run(trig, s[:150])
+    trig.update(150, 0.03)  # a call: step 150 is not trusted
+    run(trig, s[151:155], start=151)
+    mean_at_154 = trig.rolling_mean
+    d = trig.update(155, 5.0)
+    assert d.stop and d.rollback_to == 154
+    # Roll back further: a candidate frame inside the branch is not trusted.
+    trig2 = Trigger(TriggerSettings(window=100, min_spacing=10))
+    run(trig2, s[:150])
+    before = trig2.rolling_mean
+    trig2.update(150, 0.03)
+    d2 = trig2.update(151, 5.0)
+    assert d2.rollback_to == 149
+    assert trig2.rolling_mean == before  # step 150's score is gone with its branch
+    # The walker re-runs from step 150 with the refitted model: accepted.
+    assert not trig2.update(150, s[150]).call
+    # and in the first trigger, the window kept steps up to 154
+    assert trig.rolling_mean == mean_at_154
 
 
 def test_decision_record_is_plain_json():
