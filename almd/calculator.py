@@ -1,0 +1,117 @@
+"""The ASE plug-in: ``almd.Calculator``.
+
+Works unchanged in ASE dynamics, optimisers and phonopy. Beyond ASE's
+``energy``, ``free_energy``, ``energies``, ``forces`` and ``stress`` it gives the
+Hessian, ``calc.get_hessian(atoms)``, by automatic differentiation.
+
+MD calls move atoms a little each step, so the neighbour list is built with a
+skin and reused until some atom has moved more than half the skin (or the cell,
+numbers or pbc change); pairs beyond the cutoff are dropped in torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator as AseCalculator
+from ase.calculators.calculator import all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from almd import potentials
+from almd.potentials import Potential, build_graph, neighbor_pairs
+from almd.potentials.graph import NeighborPairs
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class NeighborCache:
+    """A neighbour list with a skin, rebuilt only when it can have become wrong."""
+
+    def __init__(self, cutoff: float, skin: float):
+        self.cutoff, self.skin = cutoff, skin
+        self.pairs: NeighborPairs | None = None
+        self._reference: Atoms | None = None
+        self.builds = 0
+
+    def get(self, atoms: Atoms) -> NeighborPairs:
+        if not self._valid(atoms):
+            self.pairs = neighbor_pairs(atoms, self.cutoff + self.skin)
+            self._reference = atoms.copy()
+            self.builds += 1
+        return self.pairs
+
+    def _valid(self, atoms: Atoms) -> bool:
+        ref = self._reference
+        if ref is None or len(ref) != len(atoms):
+            return False
+        if not (np.array_equal(ref.numbers, atoms.numbers) and np.array_equal(ref.pbc, atoms.pbc)
+                and np.allclose(ref.cell.array, atoms.cell.array, rtol=0, atol=1e-12)):
+            return False
+        moved = np.sqrt(((atoms.positions - ref.positions) ** 2).sum(1).max()) if len(atoms) else 0.0
+        return moved < 0.5 * self.skin
+
+
+class Calculator(AseCalculator):
+    """ASE calculator for any almd potential (SevenNet-0 by default).
+
+    Parameters
+    ----------
+    model: a pretrained name (``"sevennet-0"``), a model file (almd, sevenn or MACE)
+        or a :class:`~almd.potentials.Potential` instance.
+    device: torch device, e.g. ``"cpu"``.
+    dtype: ``"float32"`` (fast) or ``"float64"`` (for Hessians and finite-difference checks).
+    skin: neighbour-list skin in Å; 0 rebuilds the list on every call.
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(
+        self,
+        model: str | os.PathLike | Potential = "sevennet-0",
+        device: str = "cpu",
+        dtype: str | torch.dtype = "float32",
+        skin: float = 0.5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.potential = potentials.load(model).to(device=self.device, dtype=dtype).eval()
+        for p in self.potential.parameters():
+            p.requires_grad_(False)  # inference: no parameter gradients in MD
+        self.neighbors = NeighborCache(self.potential.cutoff, skin)
+
+    def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        self.potential.check_species(atoms.numbers)
+        want_stress = "stress" in properties and bool(atoms.pbc.all())
+        graph = build_graph(atoms, self.potential.cutoff, self.dtype, self.device,
+                            pairs=[self.neighbors.get(atoms)])
+        out = potentials.energy_forces_stress(self.potential, graph, forces=True, stress=want_stress)
+        energy = float(out["energy"].detach().sum())
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": out["energies"].detach().cpu().double().numpy(),
+            "forces": out["forces"].detach().cpu().double().numpy(),
+        }
+        if want_stress:
+            sigma = out["stress"].detach().cpu().double().numpy()[0]
+            self.results["stress"] = full_3x3_to_voigt_6_stress(sigma)
+
+    def get_hessian(self, atoms: Atoms | None = None, chunk: int = 32) -> np.ndarray:
+        """(3N, 3N) Hessian ∂²E/∂x∂x in eV/Å², atom-major (x, y, z), no mass weighting."""
+        atoms = self.atoms if atoms is None else atoms
+        if atoms is None:
+            raise ValueError("get_hessian needs atoms")
+        self.potential.check_species(atoms.numbers)
+        graph = build_graph(atoms, self.potential.cutoff, self.dtype, self.device)
+        return potentials.hessian(self.potential, graph, chunk=chunk).detach().cpu().double().numpy()

@@ -1,0 +1,85 @@
+"""Every derivative of the energy, for every backbone, in one place.
+
+Forces F = -∂E/∂x, stress σ = (1/V)·∂E/∂ε (ASE's sign: positive is tensile),
+Hessian-vector products H·v = ∂(∇E·v)/∂x, and full Hessians by batched HVPs.
+With ``create_graph=True`` the results stay differentiable in the parameters,
+which is what training on forces, stresses and Hessian columns needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from almd.potentials.graph import Graph
+from almd.potentials.potential import Potential
+
+
+def energy_forces_stress(
+    potential: Potential,
+    graph: Graph,
+    forces: bool = True,
+    stress: bool = True,
+    create_graph: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Energies (b,), per-atom energies (n,), forces (n, 3) and stress (b, 3, 3) in eV/Å³."""
+    stress = stress and bool(graph.pbc.all())
+    graph.requires_grad_(positions=forces, strain=stress)
+    energy, atomic = potential.forward_with_atomic(graph)
+    out = {"energy": energy, "energies": atomic}
+    inputs = [t for t, wanted in ((graph.positions, forces), (graph.strain, stress)) if wanted]
+    if inputs:
+        grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph)
+        if forces:
+            out["forces"] = -grads[0]
+        if stress:
+            out["stress"] = grads[-1] / graph.volumes()[:, None, None]
+    return out
+
+
+def hessian_vector_product(
+    potential: Potential,
+    graph: Graph,
+    vectors: torch.Tensor,
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """H·v for an (n, 3) displacement field ``vectors`` (one per structure in the batch).
+
+    The batch Hessian is block-diagonal, so one product gives each structure's own
+    H·v; with one-hot ``vectors`` that is one Hessian column per structure.
+    Returns (n, 3) in eV/Å² (times the units of ``vectors``).
+    """
+    graph.requires_grad_(positions=True, strain=False)
+    energy = potential(graph)
+    (gradient,) = torch.autograd.grad(energy.sum(), graph.positions, create_graph=True)
+    (hv,) = torch.autograd.grad((gradient * vectors).sum(), graph.positions, create_graph=create_graph)
+    return hv
+
+
+def hessian(potential: Potential, graph: Graph, chunk: int = 16, symmetrize: bool = True) -> torch.Tensor:
+    """Full (3n, 3n) Hessian of a single-structure graph, in eV/Å², no mass weighting.
+
+    One forward and one gradient with ``create_graph``, then ``chunk`` unit
+    vectors at a time through a vmapped second backward (falls back to a loop
+    over columns where a backbone's ops do not vmap).
+    """
+    if graph.n_structures != 1:
+        raise ValueError("hessian() takes a graph of one structure; batch the columns instead")
+    graph.requires_grad_(positions=True, strain=False)
+    energy = potential(graph)
+    (gradient,) = torch.autograd.grad(energy.sum(), graph.positions, create_graph=True)
+    gradient = gradient.reshape(-1)
+    dim = gradient.numel()
+    eye = torch.eye(dim, dtype=gradient.dtype, device=gradient.device)
+    columns = []
+    for start in range(0, dim, chunk):
+        block = eye[start:start + chunk]
+        try:
+            (h,) = torch.autograd.grad(gradient, graph.positions, block, retain_graph=True, is_grads_batched=True)
+            columns.append(h.reshape(len(block), dim))
+        except RuntimeError:
+            for v in block:
+                (h,) = torch.autograd.grad(gradient, graph.positions, v, retain_graph=True)
+                columns.append(h.reshape(1, dim))
+    h = torch.cat(columns)
+    # exact mixed partials commute; the computed ones only to round-off
+    return 0.5 * (h + h.T) if symmetrize else h

@@ -1,0 +1,49 @@
+"""Shared fixtures: small silicon cells and models loaded once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Two cores are shared by everything in CI; keep torch and BLAS from oversubscribing.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DFT = ROOT.parent / "shared" / "data" / "dft"
+
+
+@pytest.fixture(scope="session")
+def sevennet64():
+    """SevenNet-0 in float64, for finite-difference checks."""
+    import almd
+
+    return almd.Calculator("sevennet-0", dtype="float64")
+
+
+@pytest.fixture(scope="session")
+def sevennet32():
+    import almd
+
+    return almd.Calculator("sevennet-0", dtype="float32")
+
+
+@pytest.fixture
+def si8():
+    """Rattled 8-atom conventional silicon cell."""
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.rattle(0.05, seed=3)
+    return atoms
+
+
+@pytest.fixture
+def si2():
+    """Rattled 2-atom primitive silicon cell."""
+    from ase.build import bulk
+
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.03, seed=4)
+    return atoms
