@@ -1,18 +1,16 @@
 """Reference calculations ("the oracle"): ASE Atoms -> energy, forces, stress.
 
-Any ASE calculator can be the oracle, named by a preset (``PRESETS``) or an
-import path ``"module:Class"`` plus keyword arguments. ``Oracle.label`` runs each
-calculation in its own worker process (forked from a warm forkserver) with a
-timeout and retries; whatever happens, the outcome comes back as a
-``LabelResult`` and, with a database, is stored as a row. Mistakes a user can fix
-(unknown preset, pw.x not installed, missing pseudopotential) raise
-``OracleConfigError`` before any work starts.
-
+The oracle is any ASE calculator: a preset (``PRESETS``) or ``"module:Class"``
+plus keyword arguments. ``Oracle.label`` runs each calculation in its own worker
+process (forked from a warm forkserver) with a timeout and retries; every
+outcome comes back as a ``LabelResult`` and, with a database, becomes a row.
+Mistakes a user can fix raise ``OracleConfigError`` before any work starts.
 No torch here: the oracle must run where the ML stack is not installed.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -23,8 +21,10 @@ import shutil
 import signal
 import sys
 import time
+import threading
 import traceback
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,29 +118,27 @@ PRESETS: dict[str, tuple[Callable[..., Any], str]] = {
 
 
 def _check_pw_x(command: str) -> None:
-    exe = command.split()[0] if command.split() else command
-    if shutil.which(exe) is None:
+    words = command.split() or [command]  # "mpirun -np 4 pw.x": check both programs
+    for exe in {words[0], *(w for w in words if w.endswith("pw.x"))}:
+        if shutil.which(exe) is not None:
+            continue
         raise OracleConfigError(
             f"Quantum ESPRESSO executable {exe!r} not found on PATH. Install it with "
             "'apt-get install quantum-espresso' (or conda install -c conda-forge qe), "
             "or pass command='/path/to/pw.x'.")
 
 
+@functools.lru_cache(maxsize=None)
 def _upf_kind(path: Path) -> str:
     """'NC', 'US' or 'PAW' from the UPF header (filename as a fallback)."""
-    try:
-        head = path.read_text(errors="ignore")[:200_000]
+    try:  # the type is stated in PP_INFO / PP_HEADER near the top; files can be MBs
+        with open(path, "rb") as f:
+            head = f.read(65536).decode(errors="ignore")
     except OSError:
         head = ""
-    m = re.search(r'pseudo_type\s*=\s*"\s*(\w+)', head) or re.search(
-        r"Pseudopotential type:\s*(\w+)", head)
-    kind = m.group(1).upper() if m else ""
-    if kind.startswith("US"):
-        return "US"
-    if kind in ("NC", "SL", "PAW"):
-        return "NC" if kind == "SL" else kind
-    name = path.name.lower()
-    return "PAW" if "paw" in name else "US" if ("us" in name or "van" in name) else "NC"
+    m = re.search(r'pseudo_type\s*=\s*"\s*(\w+)|Pseudopotential type:\s*(\w+)', head)
+    kind = (m.group(1) or m.group(2)).upper() if m else path.name.upper()
+    return "PAW" if "PAW" in kind else "US" if ("US" in kind or "VAN" in kind) else "NC"
 
 
 def available_pseudopotentials(pseudo_dir: str | Path = PSEUDO_DIR, xc: str = "pbe") -> dict[str, str]:
@@ -186,7 +184,8 @@ def resolve_spec(spec: Any, **overrides: Any) -> tuple[str, dict[str, Any]]:
     if not isinstance(spec, str):
         raise OracleConfigError(f"calculator spec must be a preset name, 'module:Class', a dict "
                                 f"or a class, got {spec!r}")
-    if spec in PRESETS:
+    if spec.strip().lower() in PRESETS:
+        spec = spec.strip().lower()
         factory = PRESETS[spec][0]
         params = inspect.signature(factory).parameters
         has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -217,8 +216,8 @@ def build_calculator(spec: Any, **overrides: Any) -> Any:
     """An ASE calculator from a preset name, ``"module:Class"``, a dict spec
     ``{"calculator": ..., **kwargs}`` or a class; ``overrides`` are keyword arguments.
 
-    ``atoms=`` may be passed for presets with element-dependent settings (QE
-    pseudopotentials); it is checked against them, not stored.
+    ``atoms=`` is for presets with element-dependent settings (QE
+    pseudopotentials): they are checked against it. Other calculators ignore it.
     """
     atoms = overrides.pop("atoms", None)
     name, kwargs = resolve_spec(spec, **overrides)
@@ -291,12 +290,8 @@ def _limit_threads(threads: int) -> None:
     # threadpoolctl for the BLAS the forkserver already loaded.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(threads)
-    except ImportError:
-        pass
+    if importlib.util.find_spec("threadpoolctl") is not None:
+        importlib.import_module("threadpoolctl").threadpool_limits(threads)
 
 
 def _worker(conn: Any, spec: tuple[str, dict], atoms: Atoms, workdir: str, sys_path: list[str],
@@ -310,20 +305,17 @@ def _worker(conn: Any, spec: tuple[str, dict], atoms: Atoms, workdir: str, sys_p
     try:
         Path(workdir).mkdir(parents=True, exist_ok=True)
         os.chdir(workdir)  # file-based codes write here; safe, we are a private process
-        t0 = time.perf_counter()
         name, kwargs = spec
-        atoms.calc = build_calculator(name, atoms=atoms, **kwargs) if name in PRESETS \
-            else build_calculator(name, **kwargs)
+        atoms.calc = build_calculator(name, atoms=atoms, **kwargs)
         energy = float(atoms.get_potential_energy())
         forces = np.array(atoms.get_forces(), dtype=np.float64)
         stress = None
-        if atoms.cell.rank == 3 and all(atoms.pbc):
-            try:
+        try:  # NotImplementedError includes ASE's PropertyNotImplementedError
+            if atoms.cell.rank == 3 and all(atoms.pbc):
                 stress = np.array(atoms.get_stress(voigt=True), dtype=np.float64)
-            except NotImplementedError:  # includes ASE's PropertyNotImplementedError
-                stress = None
-        out = {"energy": energy, "forces": forces, "stress": stress,
-               "time": time.perf_counter() - t0}
+        except NotImplementedError:
+            pass
+        out = {"energy": energy, "forces": forces, "stress": stress}
         bad = [k for k in ("energy", "forces", "stress")
                if out[k] is not None and not np.all(np.isfinite(out[k]))]
         if bad:
@@ -338,15 +330,11 @@ def _worker(conn: Any, spec: tuple[str, dict], atoms: Atoms, workdir: str, sys_p
 
 def _context() -> Any:
     """Forkserver where available (fast, no inherited state), else spawn."""
-    methods = multiprocessing.get_all_start_methods()
-    if "forkserver" in methods:
-        ctx = multiprocessing.get_context("forkserver")
-        from multiprocessing import forkserver
-
-        if getattr(forkserver._forkserver, "_forkserver_pid", None) is None:
-            ctx.set_forkserver_preload(_PRELOAD)  # only effective before it starts
-        return ctx
-    return multiprocessing.get_context("spawn")
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # only takes effect before the server starts
+    return ctx
 
 
 class Oracle:
@@ -381,6 +369,7 @@ class Oracle:
         self.database = database
         self._cache: dict[str, LabelResult] = {}
         self.calls = 0  # calculations actually started (cache hits excluded)
+        self._lock = threading.Lock()
 
     def _preflight(self, atoms: Atoms) -> None:
         if self.spec_name == "espresso-pw":  # missing pseudopotential -> clear error now
@@ -424,22 +413,20 @@ class Oracle:
         finally:
             parent.close()
             _kill_group(proc)
+            try:  # keep run directories only when the code wrote something (DFT outputs)
+                os.rmdir(workdir)
+            except OSError:
+                pass
 
-    def label(self, atoms: Atoms, **provenance: Any) -> LabelResult:
-        """Label one structure. Never raises for a failed calculation: the result
-        says 'failed' and, with a database, a failed row is stored. ``provenance``
-        (walker, step, model_version, uncertainty) goes into the database row."""
-        key = content_hash(atoms, self.settings_hash)
-        hit = self._cached(key)
-        if hit is not None:
-            return LabelResult(**{**hit.__dict__, "cached": True})
-        self._preflight(atoms)
+    def _compute(self, atoms: Atoms, key: str) -> LabelResult:
+        """Attempts with retries; no cache, no database (safe to run from threads)."""
         t0 = time.perf_counter()
         errors: list[str] = []
         out: dict[str, Any] = {}
         attempts = 0
         for attempts in range(1, self.retries + 2):
-            self.calls += 1
+            with self._lock:
+                self.calls += 1
             out = self._attempt(atoms, key)
             if "error" not in out:
                 break
@@ -448,17 +435,54 @@ class Oracle:
                       settings_hash=self.settings_hash, content_hash=key, oracle=self.name,
                       settings=self.settings)
         if "error" in out:
-            result = LabelResult(status="failed", error="\n".join(errors), error_kind=out["kind"], **common)
-        else:
-            result = LabelResult(status="ok", energy=out["energy"], forces=out["forces"],
-                                 stress=out["stress"], **common)
-            self._cache[key] = result
+            return LabelResult(status="failed", error="\n".join(errors), error_kind=out["kind"], **common)
+        return LabelResult(status="ok", energy=out["energy"], forces=out["forces"],
+                           stress=out["stress"], **common)
+
+    def _store(self, atoms: Atoms, result: LabelResult, provenance: Mapping[str, Any]) -> None:
+        if result.ok:
+            self._cache[result.content_hash] = result
         if self.database is not None:
             self.database.add_result(atoms, result, **provenance)
-        return result
 
-    def __call__(self, atoms: Atoms, **provenance: Any) -> LabelResult:
-        return self.label(atoms, **provenance)
+    def label(self, atoms: Atoms, **provenance: Any) -> LabelResult:
+        """Label one structure. Never raises for a failed calculation: the result
+        says 'failed' and, with a database, a failed row is stored. ``provenance``
+        (walker, step, model_version, uncertainty) goes into the database row."""
+        return self.label_many([atoms], provenance=[provenance])[0]
+
+    def label_many(self, frames: list[Atoms], *, max_workers: int = 1,
+                   provenance: list[Mapping[str, Any]] | None = None) -> list[LabelResult]:
+        """Label several structures, up to ``max_workers`` worker processes at once.
+
+        Results come back in input order; each is written to the database as soon
+        as it finishes (from this thread only: one writer), so a crash loses only
+        the calculations still running. Duplicates within ``frames`` run once.
+        """
+        provenance = provenance or [{} for _ in frames]
+        if len(provenance) != len(frames):
+            raise ValueError("provenance needs one mapping per frame")
+        keys = [content_hash(a, self.settings_hash) for a in frames]
+        results: list[LabelResult | None] = [None] * len(frames)
+        todo: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            hit = self._cached(key)
+            if hit is not None:
+                results[i] = LabelResult(**{**hit.__dict__, "cached": True})
+            else:
+                todo.setdefault(key, []).append(i)
+        for idx in todo.values():
+            self._preflight(frames[idx[0]])
+        with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+            # threads only wait on their worker processes; the work is in the children
+            futures = {pool.submit(self._compute, frames[idx[0]], key): idx for key, idx in todo.items()}
+            for future in as_completed(futures):
+                idx = futures[future]
+                result = future.result()
+                self._store(frames[idx[0]], result, provenance[idx[0]])
+                for n, i in enumerate(idx):
+                    results[i] = result if n == 0 else LabelResult(**{**result.__dict__, "cached": result.ok})
+        return [r for r in results if r is not None]
 
 
 def _kill_group(proc: Any) -> None:
@@ -469,5 +493,5 @@ def _kill_group(proc: Any) -> None:
         except (ProcessLookupError, PermissionError):
             proc.kill()
     proc.join(10)
-    if proc.exitcode is not None and hasattr(proc, "close"):
+    if proc.exitcode is not None:
         proc.close()

@@ -174,6 +174,23 @@ def test_second_call_is_served_from_cache(tmp_path):
     assert len(log.read_text().split()) == 2
 
 
+def test_label_many_in_parallel_matches_serial(tmp_path):
+    frames = [si8(seed=s) for s in range(4)]
+    frames.append(frames[1].copy())  # duplicate: computed once
+    db = LabelDatabase(tmp_path / "l.db")
+    oracle = Oracle("stillinger-weber-si", retries=0, workdir=tmp_path / "runs", database=db)
+    oracle.label(frames[0])  # already known -> cache hit inside the batch
+    results = oracle.label_many(frames, max_workers=2,
+                                provenance=[{"walker": i, "step": 7} for i in range(5)])
+    assert [r.cached for r in results] == [True, False, False, False, True]
+    assert oracle.calls == 4 and len(db) == 4
+    serial = Oracle("stillinger-weber-si", retries=0, workdir=tmp_path / "runs")
+    for atoms, r in zip(frames, results):
+        assert r.energy == pytest.approx(serial.label(atoms).energy, abs=1e-12)
+    assert sorted(row.get("walker", -1) for row in db.rows()) == [-1, 1, 2, 3]  # row 0 came earlier
+    assert not any((tmp_path / "runs").iterdir())  # empty run directories are not left behind
+
+
 def test_settings_enter_the_hash():
     name, kwargs = resolve_spec("gpaw-pw")
     assert name == "gpaw-pw" and kwargs["ecut"] > 0 and kwargs["xc"] == "PBE"
