@@ -37,8 +37,7 @@ __all__ = ["BayesianForceConstantModel", "BayesianCalculator", "EvidenceFit",
 
 @contextlib.contextmanager
 def _quiet_hiphive() -> Iterator[None]:
-    # hiphive logs cluster-space tables to stdout at INFO; keep test/MD output clean
-    # without changing the user's logging configuration for good.
+    # hiphive prints cluster-space tables at INFO; silence them only for our calls.
     log = logging.getLogger("hiphive")
     old = log.level
     log.setLevel(logging.WARNING)
@@ -280,7 +279,7 @@ class BayesianForceConstantModel:
         if not tol > 0:
             raise ValueError(f"tol = {tol!r}: must be > 0")
         with _quiet_hiphive():
-            self.cs = ClusterSpace(primitive, list(cutoffs))
+            self.cs = ClusterSpace(primitive, list(cutoffs))  # acoustic sum rules on
         self.primitive = primitive.copy()
         self.cutoffs = [float(c) for c in cutoffs]
         self.tol, self.max_iter, self.include_noise = float(tol), int(max_iter), bool(include_noise)
@@ -292,6 +291,7 @@ class BayesianForceConstantModel:
         self._y: list[np.ndarray] = []  # their forces, flattened
         self._structures: list[tuple[Atoms, Atoms]] = []  # (displaced with forces, ideal)
         self.fit_result: EvidenceFit | None = None
+        self.version = 0  #: incremented by every refit (provenance; calculator caches)
 
     # ------------------------------------------------------------ bookkeeping
     @property
@@ -303,11 +303,11 @@ class BayesianForceConstantModel:
         return len(self._phi)
 
     @property
-    def parameters(self) -> np.ndarray:
+    def parameters(self) -> np.ndarray:  # posterior mean
         return self._require_fit().mean
 
     @property
-    def covariance(self) -> np.ndarray:
+    def covariance(self) -> np.ndarray:  # posterior covariance S
         return self._require_fit().cov
 
     def _require_fit(self) -> EvidenceFit:
@@ -357,15 +357,12 @@ class BayesianForceConstantModel:
     def add(self, structures: Sequence[Atoms] | Atoms, ideal: Atoms | None = None,
             refit: bool = True) -> "BayesianForceConstantModel":
         """Add labelled structures (e.g. the frames the trigger selected), then refit."""
-        if isinstance(structures, Atoms):
-            structures = [structures]
-        for atoms in structures:
+        for atoms in [structures] if isinstance(structures, Atoms) else structures:
             f = _forces_of(atoms)
             b = self._basis(ideal, atoms)
             self._phi.append(b.design(displacements(atoms, b.ideal)))
             self._y.append(f.ravel())
-            stored = atoms.copy()
-            stored.calc = None
+            stored = atoms.copy()  # (copy() drops the calculator)
             stored.arrays["forces"] = f.copy()
             self._structures.append((stored, b.ideal))
         if refit:
@@ -378,6 +375,7 @@ class BayesianForceConstantModel:
             raise RuntimeError("no training structures")
         phi, y = self.fit_data()
         self.fit_result = evidence_ridge(phi, y, tol=self.tol, max_iter=self.max_iter)
+        self.version += 1
         return self.fit_result
 
     def fit_data(self) -> tuple[np.ndarray, np.ndarray]:
@@ -479,18 +477,22 @@ class BayesianForceConstantModel:
 class BayesianCalculator(Calculator):
     """ASE calculator of the posterior mean; ``results['force_std']`` (N, 3) and
     ``results['uncertainty']`` (the trigger score, eV/Å) come with every force
-    evaluation at no extra design-block cost."""
+    evaluation at no extra cost. A refit of the model invalidates cached results."""
 
     implemented_properties = ["energy", "forces", "force_std", "uncertainty"]
 
     def __init__(self, model: BayesianForceConstantModel, ideal: Atoms | None = None) -> None:
         super().__init__()
-        self.model = model
-        self.ideal = ideal
+        self.model, self.ideal, self._version = model, ideal, -1
+
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        changes = super().check_state(atoms, tol)
+        return changes + ["model"] if self._version != self.model.version else changes
 
     def calculate(self, atoms: Atoms | None = None, properties: Sequence[str] = ("energy",),
                   system_changes: Sequence[str] = all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
+        self._version = self.model.version
         forces, std, energy = self.model.evaluate(self.atoms, self.ideal)
         self.results.update(forces=forces, energy=energy, force_std=std,
                             uncertainty=float(std.max()))

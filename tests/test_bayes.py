@@ -1,5 +1,7 @@
 """Bayesian lattice-dynamics model on Stillinger–Weber Si (64-atom supercell)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from ase import Atoms, units
@@ -187,6 +189,13 @@ def test_md_calculators_agree(model, si, frames_300):
     np.testing.assert_allclose(a.get_forces(), mean, atol=1e-10)
     assert a.get_potential_energy() == pytest.approx(e_fcc, abs=1e-8)
     assert a.calc.results["uncertainty"] == pytest.approx(std.max(), rel=1e-12)
+    # A refit invalidates the calculator's cached results (same positions).
+    model.fit_result = dataclasses.replace(model.fit_result, mean=2 * model.fit_result.mean)
+    model.version += 1
+    try:
+        np.testing.assert_allclose(a.get_forces(), 2 * mean, atol=1e-10)
+    finally:
+        model.refit()
 
 
 def test_energy_is_consistent_with_forces(model, frames_300):
@@ -385,9 +394,10 @@ def test_active_learning_loop_with_trigger(si, sw, frames_1500):
         if d.call:
             scores, frames = zip(*candidates)
             (best,) = select_frames(scores, frames, max_frames=1)
+            version = m.version
             m.add(labelled(frames[best], sw))
             candidates.clear()
-            a.calc.results.clear()  # the model changed under the walker
+            assert m.version == version + 1
     steps = [d.step for d in decisions if d.call]
     assert steps and min(steps) > 100, steps
     assert np.all(np.diff(steps) >= 10)
