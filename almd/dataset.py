@@ -365,7 +365,8 @@ def displaced_supercells(dataset_path: str | Path) -> list[Atoms]:
             raise ValueError(f"{dataset_path}: {len(present)} supercells but {forces.shape[0]} force sets")
         for i, (cell, f, e) in enumerate(zip(present, forces, _energies(dataset, len(present)))):
             atoms = _to_ase(cell)
-            atoms.calc = SinglePointCalculator(atoms, forces=np.array(f), **({"energy": e} if e is not None else {}))
+            labels = {"forces": np.array(f), **({"energy": e} if e is not None else {})}
+            atoms.calc = SinglePointCalculator(atoms, **labels)
             atoms.info.update(source=Path(dataset_path).name, set=set_name, index=i)
             out.append(atoms)
     return out

@@ -46,12 +46,9 @@ class OracleConfigError(ValueError):
 
 def _stillinger_weber_si() -> Any:
     from matscipy.calculators.manybody import Manybody
-    from matscipy.calculators.manybody.explicit_forms import StillingerWeber
-    from matscipy.calculators.manybody.explicit_forms.stillinger_weber import (
-        Stillinger_Weber_PRB_31_5262_Si,
-    )
+    from matscipy.calculators.manybody.explicit_forms import stillinger_weber as sw
 
-    return Manybody(**StillingerWeber(Stillinger_Weber_PRB_31_5262_Si))
+    return Manybody(**sw.StillingerWeber(sw.Stillinger_Weber_PRB_31_5262_Si))
 
 
 def _emt(**kwargs: Any) -> Any:
@@ -98,12 +95,9 @@ def _espresso_pw(ecutwfc: float = 25.0, dual: float | None = None, kpt_density: 
                             "electrons": {"conv_thr": 1e-8}}
     for section, values in (input_data or {}).items():
         data.setdefault(section, {}).update(values)
-    if kpts is None:
-        # ASE's kspacing excludes 2π: this reproduces kpts={'density': d} of the GPAW preset
-        # (ase 3.29's espresso writer cannot take the density dict itself).
-        kwargs["kspacing"] = 1.0 / (2 * np.pi * kpt_density)
-    else:
-        kwargs["kpts"] = kpts
+    # ASE's kspacing excludes 2π: this reproduces kpts={'density': d} of the GPAW preset
+    # (ase 3.29's espresso writer cannot take the density dict itself).
+    kwargs.update({"kpts": kpts} if kpts is not None else {"kspacing": 1 / (2 * np.pi * kpt_density)})
     profile = EspressoProfile(command=command, pseudo_dir=str(pseudo_dir))
     return Espresso(profile=profile, pseudopotentials=pseudos, input_data=data, **kwargs)
 
@@ -279,9 +273,18 @@ _PRELOAD = ["almd.oracle", "ase.io", "ase.db", "ase.calculators.emt", "scipy.sta
             "matscipy.calculators.manybody"]
 
 
-def _classify(exc: BaseException) -> str:
-    text = f"{type(exc).__name__} {exc}".lower()
-    return "scf" if "converg" in text else "exception"
+_SCF_FAILED = re.compile(r"convergence not achieved|not converged|did not converge|ConvergenceError", re.I)
+
+
+def _diagnose(exc: BaseException) -> tuple[str, str]:
+    """(kind, text) of a failure, with the why from pw.x-style output files in the run dir."""
+    text = "".join(traceback.format_exception(exc)).strip()
+    for f in sorted(Path(".").iterdir()):
+        if f.is_file() and (f.suffix in (".pwo", ".out", ".txt", ".log") or f.name == "CRASH"):
+            lines = f.read_text(errors="ignore").splitlines()
+            hits = [ln.strip() for ln in lines if _SCF_FAILED.search(ln)][:1]
+            text += f"\n--- {f.name}: ---\n" + "\n".join(hits + ["..."] + lines[-12:])
+    return ("scf" if _SCF_FAILED.search(text) else "exception"), text
 
 
 def _limit_threads(threads: int) -> None:
@@ -321,7 +324,8 @@ def _worker(conn: Any, spec: tuple[str, dict], atoms: Atoms, workdir: str, sys_p
         if bad:
             out = {"error": f"non-finite {', '.join(bad)} returned by {name}", "kind": "nonfinite"}
     except BaseException as exc:  # noqa: BLE001 - everything must come back as a result
-        out = {"error": "".join(traceback.format_exception(exc)).strip(), "kind": _classify(exc)}
+        kind, text = _diagnose(exc)
+        out = {"error": text, "kind": kind}
     conn.send(out)
     conn.close()
 
@@ -380,14 +384,13 @@ class Oracle:
     def _cached(self, key: str) -> LabelResult | None:
         if key in self._cache:
             return self._cache[key]
-        if self.database is not None:
-            row = self.database.lookup(key)
-            if row is not None:
-                return LabelResult(
-                    status="ok", energy=row.get("energy"), forces=row.get("forces"),
-                    stress=row.get("stress"), wall_time=float(row.get("wall_time", 0.0)),
-                    attempts=int(row.get("attempts", 1)), settings_hash=self.settings_hash,
-                    content_hash=key, oracle=row.get("oracle", self.name), settings=self.settings)
+        row = self.database.lookup(key) if self.database is not None else None
+        if row is not None:
+            return LabelResult(
+                status="ok", energy=row.get("energy"), forces=row.get("forces"),
+                stress=row.get("stress"), wall_time=float(row.get("wall_time", 0.0)),
+                attempts=int(row.get("attempts", 1)), settings_hash=self.settings_hash,
+                content_hash=key, oracle=row.get("oracle", self.name), settings=self.settings)
         return None
 
     def _attempt(self, atoms: Atoms, key: str) -> dict[str, Any]:
@@ -462,10 +465,9 @@ class Oracle:
         provenance = provenance or [{} for _ in frames]
         if len(provenance) != len(frames):
             raise ValueError("provenance needs one mapping per frame")
-        keys = [content_hash(a, self.settings_hash) for a in frames]
         results: list[LabelResult | None] = [None] * len(frames)
         todo: dict[str, list[int]] = {}
-        for i, key in enumerate(keys):
+        for i, key in enumerate(content_hash(a, self.settings_hash) for a in frames):
             hit = self._cached(key)
             if hit is not None:
                 results[i] = LabelResult(**{**hit.__dict__, "cached": True})

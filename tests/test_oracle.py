@@ -197,7 +197,8 @@ def test_settings_enter_the_hash():
     default = Oracle("gpaw-pw")
     assert Oracle("gpaw-pw", ecut=kwargs["ecut"]).settings_hash == default.settings_hash
     assert Oracle({"calculator": "gpaw-pw", "ecut": 500}).settings_hash != default.settings_hash
-    assert Oracle("gpaw-pw", ecut=500).settings_hash == Oracle({"calculator": "gpaw-pw", "ecut": 500}).settings_hash
+    as_dict = Oracle({"calculator": "gpaw-pw", "ecut": 500})
+    assert Oracle("gpaw-pw", ecut=500).settings_hash == as_dict.settings_hash
 
 
 # ---------------------------------------------------------------- faults
@@ -362,3 +363,15 @@ def test_gpaw_gamma_optical_phonon_of_si(tmp_path):
     nu = np.sqrt(k * _e / 1e-20 / (mu * _amu)) / (2 * np.pi) / 1e12
     assert nu == pytest.approx(15.09, rel=0.05)
     print(f"GPAW PBE Γ optical: {nu:.2f} THz (VASP PBE 15.09) in {result.wall_time:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("pw.x") is None, reason="needs pw.x (apt-get install quantum-espresso)")
+def test_espresso_scf_failure_is_reported_as_such(tmp_path):
+    oracle = Oracle("espresso-pw", ecutwfc=15, kpt_density=1.0, retries=0, workdir=tmp_path,
+                    input_data={"electrons": {"electron_maxstep": 2}}, database=tmp_path / "l.db")
+    result = oracle.label(_si2_displaced())
+    assert result.status == "failed" and result.error_kind == "scf"
+    assert "convergence NOT achieved" in result.error  # pw.x's own words, not just "exit status 2"
+    (row,) = LabelDatabase(tmp_path / "l.db").rows(status="failed")
+    assert row.error_kind == "scf" and "convergence NOT achieved" in row.data["error"]
