@@ -1,12 +1,10 @@
 """Bayesian lattice-dynamics model (BayLMD; Callsen, Lee, Chou 2026; methods.md §3).
 
-The energy is a Taylor expansion in atomic displacements, linear in the
-symmetry-independent force-constant parameters of a hiphive ClusterSpace
-(acoustic sum rules imposed). Forces are therefore ``F = Φ(u) p`` with the design
-block ``Φ(u)`` (3N × P) of a configuration. The parameters get a Gaussian
-posterior from evidence-maximised ridge regression; the posterior covariance S
-gives each force component a predictive variance ``diag(Φ S Φᵀ)`` — the score
-that drives the trigger.
+The energy is a Taylor expansion in displacements, linear in the force-constant
+parameters p of a hiphive ClusterSpace: forces ``F = Φ(u) p`` with the design
+block Φ(u) (3N × P). Evidence-maximised ridge regression gives p a Gaussian
+posterior (m, S); ``diag(Φ S Φᵀ)`` is each force component's predictive
+variance, whose largest square root is the score that drives the trigger.
 
 Units: forces eV/Å, displacements Å, force constants eV/Å^n, β in (eV/Å)^-2.
 
@@ -191,12 +189,8 @@ class _SupercellBasis:
         for n, mat in self._csr.items():
             vec = uf if n == 2 else np.outer(uf, uf).ravel()
             out[n] = (mat @ vec).reshape(self.n3, self.n_et) @ self.cvs
-        for n, (r, c, v) in self._entries.items():
-            if n in self._csr:
-                continue
-            prod = v.copy()
-            for k in range(n - 1):
-                prod *= uf[c[k]]
+        for n, (r, c, v) in ((n, e) for n, e in self._entries.items() if n not in self._csr):
+            prod = v * np.prod(uf[c], axis=0)  # orders >= 4: scatter-add
             acc = np.bincount(r, prod, minlength=self.n3 * self.n_et)
             out[n] = acc.reshape(self.n3, self.n_et) @ self.cvs
         return out
@@ -209,8 +203,8 @@ class _SupercellBasis:
         """Force constants of ``order`` for ``params`` in phonopy's layout
         (N,)*order + (3,)*order and this supercell's atom order. (hiphive's
         ``get_fc_array`` loops over all N^order tuples in Python: seconds for fc3.)"""
-        if order not in self._entries:
-            raise ValueError(f"order {order} not in the cluster space (orders {sorted(self._entries)})")
+        if order not in self._entries or self.n3**order > 4e8:  # dense array: keep < 3 GB
+            raise ValueError(f"no dense fc{order} on {self.n3 // 3} atoms (orders {sorted(self._entries)})")
         coef = self.cvs @ np.asarray(params, dtype=float)  # eigentensor coefficients
         row, cols, val = self._entries[order]
         flat_rest = np.zeros(len(row), dtype=np.intp)
@@ -262,14 +256,13 @@ class BayesianForceConstantModel:
         primitive: the ideal primitive (or unit) cell of the ClusterSpace.
         cutoffs: cluster cutoffs in Å for orders 2, 3, … (hiphive convention).
         supercell: default ideal supercell for structures given without one.
-        tol: relative tolerance on α and β of the evidence iteration (0.01 as in
-            Callsen et al.).
-        include_noise: add the noise variance 1/β to the predictive variance of
-            each force component in :meth:`force_std` / :meth:`score`.
+        tol: relative tolerance on α and β of the evidence iteration (Callsen: 0.01).
+        include_noise: add the noise variance 1/β to each force component's
+            predictive variance (:meth:`force_std`, :meth:`score`).
 
     Restarts: the posterior is a deterministic function of (primitive, cutoffs,
-    settings, training structures), so refitting the labels kept in the dataset
-    restores it bit for bit; the model keeps no state of its own worth a file.
+    settings, training structures): refitting the dataset's labels restores it
+    bit for bit, so the model keeps no state of its own worth a file.
     """
 
     def __init__(self, primitive: Atoms, cutoffs: Sequence[float], supercell: Atoms | None = None,
@@ -316,10 +309,9 @@ class BayesianForceConstantModel:
         return self.fit_result
 
     def _basis(self, ideal: Atoms | None, atoms: Atoms | None = None) -> _SupercellBasis:
-        """The basis of ``ideal`` (built once per supercell); without ``ideal``, the
-        registered supercell that matches ``atoms`` in size and cell and lies
-        closest to it (two orderings of one supercell, e.g. ours and phonopy's,
-        share size and cell; the wrong one would give huge displacements)."""
+        """The basis of ``ideal`` (built once); without it, the registered supercell
+        of the same size and cell closest to ``atoms`` (ours and phonopy's ordering
+        of one supercell share size and cell; the wrong one gives Å displacements)."""
         if ideal is None:
             if atoms is None:
                 if self._default is None:
@@ -434,6 +426,17 @@ class BayesianForceConstantModel:
         component, eV/Å (plus noise if ``include_noise``)."""
         return float(self.evaluate(atoms, ideal)[1].max())
 
+    def anharmonicity(self, frames: Sequence[Atoms], ideal: Atoms | None = None) -> float:
+        """σᴬ = √(Σ|F − F_harm|² / Σ|F|²) over labelled ``frames`` (Callsen et al.),
+        with F_harm from the fitted second-order force constants alone."""
+        num = den = 0.0
+        for atoms in frames:
+            b = self._basis(ideal, atoms)
+            f_harm = b.design_by_order(displacements(atoms, b.ideal))[2] @ self.parameters
+            f = _forces_of(atoms).ravel()
+            num, den = num + float(np.sum((f - f_harm) ** 2)), den + float(f @ f)
+        return math.sqrt(num / den)
+
     # ------------------------------------------------------------ export
     def potential(self) -> Any:
         """hiphive ForceConstantPotential with the posterior-mean parameters."""
@@ -443,28 +446,25 @@ class BayesianForceConstantModel:
             return ForceConstantPotential(self.cs, self.parameters)
 
     def force_constants(self, supercell: Any) -> Any:
-        """hiphive SortedForceConstants on ``supercell`` (ASE Atoms, PhonopyAtoms or a
-        Phonopy object), in that supercell's own atom order."""
+        """hiphive SortedForceConstants on ``supercell`` (Atoms, PhonopyAtoms, Phonopy)."""
         with _quiet_hiphive():
             return self.potential().get_force_constants(_as_ase(supercell))
 
     def calculator(self, supercell: Atoms) -> Calculator:
-        """hiphive's ForceConstantCalculator (an ASE calculator) for fast MD around
-        the ideal ``supercell``."""
+        """hiphive's ForceConstantCalculator (ASE) for fast MD around ``supercell``."""
         from hiphive.calculators import ForceConstantCalculator
 
         return ForceConstantCalculator(self.force_constants(supercell))
 
     def fc2(self, supercell: Any) -> np.ndarray:
-        """Second-order force constants (n, n, 3, 3) in eV/Å² for phonopy's
-        ``phonon.force_constants``. Pass phonopy's own supercell (or the Phonopy
-        object): the force constants follow the atom order they are given, and a
-        mismatched order gives silently wrong frequencies."""
+        """fc2 (n, n, 3, 3) in eV/Å² for ``phonon.force_constants``. Pass phonopy's
+        own supercell (or the Phonopy object): another atom order gives silently
+        wrong frequencies."""
         return self.fc_array(2, supercell)
 
     def fc3(self, supercell: Any) -> np.ndarray:
-        """Third-order force constants (n, n, n, 3, 3, 3) in eV/Å³ for phono3py
-        (``ph3.fc3``, full format), on phono3py's own supercell order."""
+        """fc3 (n, n, n, 3, 3, 3) in eV/Å³ for ``ph3.fc3`` (full format), on
+        phono3py's own supercell."""
         return self.fc_array(3, supercell)
 
     def fc_array(self, order: int, supercell: Any) -> np.ndarray:
