@@ -131,6 +131,14 @@ def test_relax_recovers_sw_lattice_constant(sw):
     assert a == pytest.approx(A_SW, abs=2e-3)
 
 
+def test_mdr_protocol_relaxes_before_displacing(sw, sw_result):
+    strained = bulk("Si", "diamond", a=5.50)
+    r = P.phonons(strained, sw, 2, relax=True, method="displacement", mesh=[12, 12, 12])
+    # after relaxation the strained start gives the equilibrium crystal's phonons
+    assert r.frequencies_thz["Γ"][-1] == pytest.approx(sw_result.frequencies_thz["Γ"][-1], abs=0.02)
+    assert r.extra["relaxed"] is True
+
+
 def test_compare_with_itself_is_zero_and_json(sw_result, tmp_path):
     c = P.compare(sw_result, sw_result)
     for key in ("omega_max_K_abs_error", "F_kJ_mol_abs_error", "S_J_K_mol_abs_error",

@@ -44,6 +44,10 @@ def plot_bands(results: Sequence[PhononResult], path: str | Path, title: str | N
         ax.axvline(t, color="0.8", lw=0.6, zorder=0)
     ax.axhline(0.0, color="0.6", lw=0.6)
     ax.set_xlim(ticks[0], ticks[-1])
+    # DOS frequency grids start below zero; show negative frequencies only if a band has them
+    lowest = min(float(np.min(f)) for r in results for f in r.band["frequencies_thz"])
+    top = max(float(np.max(f)) for r in results for f in r.band["frequencies_thz"])
+    ax.set_ylim(min(lowest * 1.1, -0.02 * top), top * 1.08)
     ax.set_ylabel("Frequency (THz)")
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title(title or first.formula)
