@@ -212,10 +212,12 @@ def test_cli_structure(tmp_path):
     bulk("Si", "diamond", a=A_SW).write(structure)
     out, png = tmp_path / "out.json", tmp_path / "bands.png"
     rc = main(["phonons", str(structure), "--calculator", "stillinger-weber-si", "--supercell", "2", "2", "2",
-               "--mesh", "8", "8", "8", "--json", str(out), "--plot", str(png)])
+               "--mesh", "8", "8", "8", "--kappa", "--kappa-mesh", "4", "4", "4",
+               "--json", str(out), "--plot", str(png)])
     assert rc == 0
     d = json.loads(out.read_text())
-    assert {"frequencies_thz", "omega_max_K", "thermal_300K"} <= set(d)
+    assert {"frequencies_thz", "omega_max_K", "thermal_300K", "kappa_300K_W_mK"} <= set(d)
+    assert 10 < d["kappa_300K_W_mK"] < 2000 and np.isfinite(d["kappa_300K_W_mK"])
     assert {"Γ", "X", "L"} <= set(d["frequencies_thz"])
     assert set(d["thermal_300K"]) == {"F_kJ_mol", "S_J_K_mol", "Cv_J_K_mol"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -56,12 +56,12 @@ def resolve_calculator(name: str | AseCalculator, **kwargs: Any) -> AseCalculato
     if not isinstance(name, str):
         return name
     key = name.strip()
-    is_preset = key.lower() in _LOCAL_PRESETS or key.lower() in ("gpaw-pw", "espresso-pw") or ":" in key
-    if is_preset:
-        try:
-            from almd.oracle import build_calculator
-        except ImportError:
-            build_calculator = None
+    try:
+        from almd.oracle import PRESETS, build_calculator
+    except ImportError:
+        PRESETS, build_calculator = {}, None
+    presets = {p.lower() for p in PRESETS} | set(_LOCAL_PRESETS) | {"gpaw-pw", "espresso-pw"}
+    if key.lower() in presets or ":" in key:
         if build_calculator is not None:
             return build_calculator(key, **kwargs)
         if key.lower() in _LOCAL_PRESETS:
