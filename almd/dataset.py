@@ -151,7 +151,9 @@ class LabelDatabase:
         unknown = set(provenance) - set(PROVENANCE_KEYS)
         if unknown:
             raise ValueError(f"unknown provenance keys {sorted(unknown)}; allowed: {PROVENANCE_KEYS}")
-        frame = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        # only what the reference method saw (no constraints, momenta or info)
+        frame = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc,
+                      magmoms=atoms.get_initial_magnetic_moments())
         if status == "ok":
             results = {k: v for k, v in (("energy", energy), ("forces", forces), ("stress", stress))
                        if v is not None}
@@ -187,13 +189,30 @@ class LabelDatabase:
         frame, kvp, data = self._row_args(atoms, **kwargs)
         return self._db.write(frame, key_value_pairs=kvp, data=data)
 
-    def add_many(self, items: Iterable[tuple[Atoms, Mapping[str, Any]]]) -> list[int]:
-        """Store several frames in ONE transaction (all or nothing)."""
+    def add_many(self, items: Iterable[tuple[Atoms, Mapping[str, Any]]],
+                 skip_existing: bool = True) -> list[int]:
+        """Store several frames in ONE transaction (all or nothing).
+
+        With ``skip_existing`` a successful label whose content hash is already
+        stored is not written again (its existing id is returned), so importing
+        a data set twice does not double its weight in training.
+        """
         prepared = [self._row_args(atoms, **dict(kw)) for atoms, kw in items]
+        known = {}
+        if skip_existing:
+            wanted = {kvp["content_hash"] for _, kvp, _ in prepared if kvp["status"] == "ok"}
+            rows = self._db.select(status="ok", columns=["id", "key_value_pairs"])  # skip arrays
+            known = {r.content_hash: r.id for r in rows if r.content_hash in wanted}
         ids = []
         with self._db:
             for frame, kvp, data in prepared:
+                key = kvp["content_hash"] if kvp["status"] == "ok" and skip_existing else None
+                if key is not None and key in known:
+                    ids.append(known[key])
+                    continue
                 ids.append(self._db.write(frame, key_value_pairs=kvp, data=data))
+                if key is not None:
+                    known[key] = ids[-1]
         return ids
 
     def add_frames(self, frames: Iterable[Atoms], **common: Any) -> list[int]:
@@ -345,13 +364,23 @@ def _energies(dataset: Mapping[str, Any] | None, n: int) -> list[float | None]:
     return [float(e) for e in values] if values is not None and len(values) == n else [None] * n
 
 
-def displaced_supercells(dataset_path: str | Path) -> list[Atoms]:
+def _phonon_object(dataset: Any, is_compact_fc: bool = True) -> Any:
+    """A path is loaded; an already loaded Phonopy/Phono3py object is used as is
+    (loading NaCl's 512-atom yaml takes ~10 s, so callers may load once)."""
+    if isinstance(dataset, (str, Path)):
+        return load_phonon_dataset(dataset, is_compact_fc=is_compact_fc)
+    return dataset
+
+
+def displaced_supercells(dataset_path: str | Path | Any) -> list[Atoms]:
     """Displaced supercells with their DFT forces (and energies when the set has them).
 
+    ``dataset_path``: a phonopy/phono3py yaml, or the object loaded from one.
     For phono3py sets with a separate fc2 supercell (e.g. NaCl's 512-atom cells)
     those come after the fc3 supercells; ``info['set']`` says which is which.
     """
-    ph = load_phonon_dataset(dataset_path)
+    ph = _phonon_object(dataset_path)
+    source = Path(dataset_path).name if isinstance(dataset_path, (str, Path)) else type(ph).__name__
     groups = [("fc3" if hasattr(ph, "phonon_dataset") else "fc2",
                ph.supercells_with_displacements, ph.dataset)]
     if getattr(ph, "phonon_dataset", None) is not None:
@@ -367,7 +396,7 @@ def displaced_supercells(dataset_path: str | Path) -> list[Atoms]:
             atoms = _to_ase(cell)
             labels = {"forces": np.array(f), **({"energy": e} if e is not None else {})}
             atoms.calc = SinglePointCalculator(atoms, **labels)
-            atoms.info.update(source=Path(dataset_path).name, set=set_name, index=i)
+            atoms.info.update(source=source, set=set_name, index=i)
             out.append(atoms)
     return out
 
@@ -388,13 +417,14 @@ def hessian_from_force_constants(fc: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(fc.swapaxes(1, 2).reshape(3 * n, 3 * n))
 
 
-def phonon_hessian(dataset_path: str | Path) -> tuple[Atoms, np.ndarray]:
-    """Perfect supercell and its DFT Hessian (eV/Å²) from a phonopy/phono3py data set.
+def phonon_hessian(dataset_path: str | Path | Any) -> tuple[Atoms, np.ndarray]:
+    """Perfect supercell and its DFT Hessian (eV/Å²) from a phonopy/phono3py data set
+    (path, or loaded object: its force constants are then (re)produced in place).
 
     Random-displacement sets (no one-atom-at-a-time structure) go through symfc;
     the others through phonopy's finite-difference solver with symmetrisation.
     """
-    ph = load_phonon_dataset(dataset_path, is_compact_fc=False)
+    ph = _phonon_object(dataset_path, is_compact_fc=False)
     if hasattr(ph, "phonon_dataset"):  # phono3py: fc2 lives on the phonon supercell
         dataset = ph.phonon_dataset if ph.phonon_dataset is not None else ph.dataset
         random = "displacements" in dataset
