@@ -141,7 +141,6 @@ class LabelDatabase:
         status: str = "ok",
         error: str | None = None,
         settings: Mapping[str, Any] | None = None,
-        settings_hash_: str | None = None,
         hessian: np.ndarray | None = None,
         data: Mapping[str, Any] | None = None,
         **provenance: Any,
@@ -159,11 +158,11 @@ class LabelDatabase:
                        if v is not None}
             if results:
                 frame.calc = SinglePointCalculator(frame, **results)
-        sh = settings_hash_ or (settings_hash(settings) if settings is not None else None)
         kvp = dict(provenance)
         kvp["status"] = status
         kvp.setdefault("kind", "hessian" if hessian is not None else "single_point")
-        kvp["settings_hash"] = sh or kvp.get("settings_hash") or settings_hash({})
+        if kvp.get("settings_hash") is None:  # an explicit hash (the oracle's) wins
+            kvp["settings_hash"] = settings_hash(settings if settings is not None else {})
         kvp["structure_hash"] = structure_hash(frame)
         if kvp.get("content_hash") is None:
             kvp["content_hash"] = content_hash(frame, kvp["settings_hash"])
@@ -183,7 +182,7 @@ class LabelDatabase:
 
         Keyword arguments: ``energy``, ``forces``, ``stress`` (labels), ``status``
         ('ok'/'failed'), ``error`` (text, kept in row data), ``settings`` (dict,
-        kept in data and hashed) or ``settings_hash_``, ``hessian`` (3n×3n, eV/Å²),
+        kept in data and hashed unless ``settings_hash`` is given), ``hessian`` (3n×3n, eV/Å²),
         ``data`` (extra row data) and provenance keys from ``PROVENANCE_KEYS``.
         """
         frame, kvp, data = self._row_args(atoms, **kwargs)
@@ -235,7 +234,7 @@ class LabelDatabase:
             energy=result.energy, forces=result.forces, stress=result.stress,
             status=result.status, error=result.error,
             settings=getattr(result, "settings", None),
-            settings_hash_=result.settings_hash, content_hash=result.content_hash,
+            settings_hash=result.settings_hash, content_hash=result.content_hash,
             oracle=result.oracle, wall_time=result.wall_time, attempts=result.attempts,
             error_kind=result.error_kind, **provenance,
         )

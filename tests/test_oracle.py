@@ -281,6 +281,7 @@ def test_import_path_and_dict_specs():
     assert type(calc).__name__ == "EMT"
     calc = build_calculator({"calculator": "ase.calculators.lj:LennardJones", "sigma": 2.0})
     assert calc.parameters.sigma == 2.0
+    assert type(build_calculator(" EMT ")).__name__ == "EMT"  # preset names are forgiving
 
 
 def test_missing_pw_x_gives_install_advice():
@@ -305,6 +306,12 @@ def test_pseudopotential_choice():
     # PBE, non-relativistic, norm-conserving beats ultrasoft (Si.pbe-nl-rrkjus...) and LDA (Si.pz-vbc)
     assert pseudos["Si"] == "Si.pbe-rrkj.UPF"
     assert "rel" not in pseudos["Fe"] and ".pbe" in pseudos["Fe"]
+    if shutil.which("pw.x"):  # charge-density cutoff follows the pseudopotential type
+        si = build_calculator("espresso-pw", ecutwfc=30, atoms=bulk("Si"))
+        assert si.parameters["pseudopotentials"] == {"Si": "Si.pbe-rrkj.UPF"}
+        assert si.parameters["input_data"]["system"]["ecutrho"] == 4 * 30  # norm-conserving
+        ge = build_calculator("espresso-pw", ecutwfc=30, atoms=bulk("Ge"))
+        assert ge.parameters["input_data"]["system"]["ecutrho"] == 8 * 30  # PAW
 
 
 # ---------------------------------------------------------------- real DFT (slow)
