@@ -13,7 +13,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from ase import Atoms
@@ -103,6 +103,14 @@ def relax_structure(
 
 
 # ---------------------------------------------------------------- force constants
+@contextlib.contextmanager
+def quiet_auto_primitive() -> Iterator[None]:
+    """phonopy 4 warns whenever primitive_matrix='auto' finds a non-identity matrix; here 'auto' is a choice."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="primitive_matrix defaulted")
+        yield
+
+
 def build_phonopy(
     atoms: Atoms | PhonopyAtoms,
     supercell: int | Sequence[int] | Sequence[Sequence[int]] = 2,
@@ -110,9 +118,7 @@ def build_phonopy(
     symprec: float = 1e-5,
 ) -> Phonopy:
     unit = atoms if isinstance(atoms, PhonopyAtoms) else to_phonopy_atoms(atoms)
-    with warnings.catch_warnings():
-        # phonopy 4 warns whenever 'auto' finds a non-identity matrix; here 'auto' is a choice.
-        warnings.simplefilter("ignore")
+    with quiet_auto_primitive():
         return Phonopy(unit, supercell_matrix=supercell_matrix(supercell), primitive_matrix=primitive, symprec=symprec)
 
 

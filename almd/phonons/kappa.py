@@ -17,7 +17,13 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator as AseCalculator
 
 from almd.phonons._calculators import calculator_label, compute_forces, resolve_calculator
-from almd.phonons.harmonic import _is_random_dataset, supercell_matrix, to_ase_atoms, to_phonopy_atoms
+from almd.phonons.harmonic import (
+    _is_random_dataset,
+    quiet_auto_primitive,
+    supercell_matrix,
+    to_ase_atoms,
+    to_phonopy_atoms,
+)
 from almd.phonons.reference import PhononReference, as_reference
 
 
@@ -107,7 +113,8 @@ def kappa(
             primitive = ref.phonopy.primitive_matrix
         else:
             unit, sc = to_phonopy_atoms(source), supercell_matrix(supercell)
-        ph3 = Phono3py(unit, supercell_matrix=sc, primitive_matrix=primitive, log_level=0)
+        with quiet_auto_primitive():
+            ph3 = Phono3py(unit, supercell_matrix=sc, primitive_matrix=primitive, log_level=0)
         ph3.generate_displacements(distance=distance, cutoff_pair_distance=cutoff_pair_distance)
         if ref is not None and ref.phonopy.nac_params is not None:
             ph3.nac_params = ref.phonopy.nac_params
