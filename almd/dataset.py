@@ -45,7 +45,18 @@ def _json_default(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(map(repr, obj))
+    if hasattr(obj, "__dict__"):  # e.g. EspressoProfile: by content, not by memory address
+        return {"__class__": f"{type(obj).__module__}.{type(obj).__qualname__}", **vars(obj)}
     return repr(obj)
+
+
+def _settings_json(settings: Mapping[str, Any]) -> str:
+    try:
+        return json.dumps(dict(settings), sort_keys=True, default=_json_default)
+    except (ValueError, TypeError):  # circular or odd objects: fall back to their repr
+        return json.dumps(dict(settings), sort_keys=True, default=repr)
 
 
 def structure_hash(atoms: Atoms, decimals: int = 8) -> str:
@@ -69,7 +80,7 @@ def structure_hash(atoms: Atoms, decimals: int = 8) -> str:
 
 def settings_hash(settings: Mapping[str, Any]) -> str:
     """Hash of reference-method settings (any JSON-like mapping; key order irrelevant)."""
-    text = json.dumps(dict(settings), sort_keys=True, default=_json_default)
+    text = _settings_json(settings)
     return "s" + _digest(text.encode())
 
 
@@ -172,7 +183,7 @@ class LabelDatabase:
         if error is not None:
             row_data["error"] = str(error)
         if settings is not None:
-            row_data["settings"] = json.loads(json.dumps(dict(settings), default=_json_default))
+            row_data["settings"] = json.loads(_settings_json(settings))
         if hessian is not None:
             row_data["hessian"] = np.asarray(hessian, dtype=np.float64)
         return frame, _clean_kvp(kvp), row_data

@@ -382,3 +382,22 @@ def test_espresso_scf_failure_is_reported_as_such(tmp_path):
     assert "convergence NOT achieved" in result.error  # pw.x's own words, not just "exit status 2"
     (row,) = LabelDatabase(tmp_path / "l.db").rows(status="failed")
     assert row.error_kind == "scf" and "convergence NOT achieved" in row.data["error"]
+
+
+def test_missing_executable_of_a_generic_calculator_is_a_failed_result(tmp_path):
+    """Only presets can check their program up front; for any other file-based
+    calculator the missing program surfaces in the worker and is recorded."""
+    from ase.calculators.espresso import EspressoProfile
+
+    profile = EspressoProfile(command="no-such-pw.x", pseudo_dir="/usr/share/espresso/pseudo")
+    oracle = Oracle("ase.calculators.espresso:Espresso", profile=profile,
+                    pseudopotentials={"Si": "Si.pbe-rrkj.UPF"}, retries=0, workdir=tmp_path,
+                    database=tmp_path / "l.db")
+    result = oracle.label(bulk("Si"))
+    assert result.status == "failed" and result.error_kind == "exception"
+    assert "no-such-pw.x" in result.error
+    assert len(LabelDatabase(tmp_path / "l.db").rows(status="failed")) == 1
+    same = EspressoProfile(command="no-such-pw.x", pseudo_dir="/usr/share/espresso/pseudo")
+    other = Oracle("ase.calculators.espresso:Espresso", profile=same,
+                   pseudopotentials={"Si": "Si.pbe-rrkj.UPF"})
+    assert other.settings_hash == oracle.settings_hash  # objects hash by content (restarts hit the cache)
