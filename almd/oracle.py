@@ -197,10 +197,10 @@ def resolve_spec(spec: Any, **overrides: Any) -> tuple[str, dict[str, Any]]:
             + ". Or give an import path 'module:Class', e.g. 'gpaw:GPAW'.")
     module, _, attr = spec.partition(":")
     try:
-        found = importlib.util.find_spec(module)
+        found = module in sys.modules or importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
-        found = None
-    if found is None:
+        found = False
+    if not found:
         raise OracleConfigError(f"cannot import module {module!r} of calculator {spec!r}: "
                                 f"is the package installed (pip install {module.split('.')[0]})?")
     return spec, dict(overrides)
@@ -332,9 +332,10 @@ def _worker(conn: Any, spec: tuple[str, dict], atoms: Atoms, workdir: str, sys_p
 
 # --------------------------------------------------------------------------- the oracle
 
-def _context() -> Any:
-    """Forkserver where available (fast, no inherited state), else spawn."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+def _context(main: bool = False) -> Any:
+    """Forkserver where available (fast, no inherited state), else spawn. Spawn
+    also when the calculator lives in the user's script: it re-imports __main__."""
+    if main or "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)  # only takes effect before the server starts
@@ -394,14 +395,13 @@ class Oracle:
         return None
 
     def _attempt(self, atoms: Atoms, key: str) -> dict[str, Any]:
-        ctx = _context()
+        ctx = _context(main=self.spec_name.startswith("__main__:"))
         parent, child = ctx.Pipe(duplex=False)
         workdir = str((self.workdir / key).resolve())
         clean = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc,
                       magmoms=atoms.get_initial_magnetic_moments())
-        proc = ctx.Process(target=_worker, daemon=True,
-                           args=(child, (self.spec_name, self.kwargs), clean, workdir, list(sys.path),
-                                 self.threads))
+        args = (child, (self.spec_name, self.kwargs), clean, workdir, list(sys.path), self.threads)
+        proc = ctx.Process(target=_worker, args=args, daemon=True)
         proc.start()
         child.close()  # so that a dead worker shows up as EOF instead of a hang
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -401,3 +402,24 @@ def test_missing_executable_of_a_generic_calculator_is_a_failed_result(tmp_path)
     other = Oracle("ase.calculators.espresso:Espresso", profile=same,
                    pseudopotentials={"Si": "Si.pbe-rrkj.UPF"})
     assert other.settings_hash == oracle.settings_hash  # objects hash by content (restarts hit the cache)
+
+
+def test_calculator_defined_in_a_user_script(tmp_path):
+    """A class from the user's own script ("__main__:Toy") reaches the worker (spawned)."""
+    script = tmp_path / "campaign.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from ase.build import bulk\n"
+        "from ase.calculators.calculator import Calculator, all_changes\n"
+        "from almd.oracle import Oracle\n\n"
+        "class Toy(Calculator):\n"
+        "    implemented_properties = ['energy', 'forces']\n"
+        "    def calculate(self, atoms=None, properties=('energy',), system_changes=all_changes):\n"
+        "        super().calculate(atoms, properties, system_changes)\n"
+        "        self.results = {'energy': 1.5, 'forces': np.zeros((len(self.atoms), 3))}\n\n"
+        "if __name__ == '__main__':\n"
+        "    r = Oracle(Toy, retries=0, workdir='runs').label(bulk('Si'))\n"
+        "    print(r.status, r.energy)\n")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.split() == ["ok", "1.5"], out.stderr
