@@ -276,10 +276,10 @@ _PRELOAD = ["almd.oracle", "ase.io", "ase.db", "ase.calculators.emt", "scipy.sta
 _SCF_FAILED = re.compile(r"convergence not achieved|not converged|did not converge|ConvergenceError", re.I)
 
 
-def _diagnose(exc: BaseException) -> tuple[str, str]:
+def _diagnose(exc: BaseException, workdir: str) -> tuple[str, str]:
     """(kind, text) of a failure, with the why from pw.x-style output files in the run dir."""
     text = "".join(traceback.format_exception(exc)).strip()
-    for f in sorted(Path(".").iterdir()):
+    for f in sorted(Path(workdir).glob("*")):
         if f.is_file() and (f.suffix in (".pwo", ".out", ".txt", ".log") or f.name == "CRASH"):
             lines = f.read_text(errors="ignore").splitlines()
             hits = [ln.strip() for ln in lines if _SCF_FAILED.search(ln)][:1]
@@ -324,7 +324,7 @@ def _worker(conn: Any, spec: tuple[str, dict], atoms: Atoms, workdir: str, sys_p
         if bad:
             out = {"error": f"non-finite {', '.join(bad)} returned by {name}", "kind": "nonfinite"}
     except BaseException as exc:  # noqa: BLE001 - everything must come back as a result
-        kind, text = _diagnose(exc)
+        kind, text = _diagnose(exc, workdir)
         out = {"error": text, "kind": kind}
     conn.send(out)
     conn.close()
