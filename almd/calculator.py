@@ -107,11 +107,24 @@ class Calculator(AseCalculator):
             sigma = out["stress"].detach().cpu().double().numpy()[0]
             self.results["stress"] = full_3x3_to_voigt_6_stress(sigma)
 
-    def get_hessian(self, atoms: Atoms | None = None, chunk: int = 32) -> np.ndarray:
-        """(3N, 3N) Hessian ∂²E/∂x∂x in eV/Å², atom-major (x, y, z), no mass weighting."""
+    def _graph(self, atoms: Atoms | None):
         atoms = self.atoms if atoms is None else atoms
         if atoms is None:
-            raise ValueError("get_hessian needs atoms")
+            raise ValueError("no atoms given")
         self.potential.check_species(atoms.numbers)
-        graph = build_graph(atoms, self.potential.cutoff, self.dtype, self.device)
-        return potentials.hessian(self.potential, graph, chunk=chunk).detach().cpu().double().numpy()
+        return build_graph(atoms, self.potential.cutoff, self.dtype, self.device)
+
+    def get_hessian(self, atoms: Atoms | None = None, chunk: int = 16) -> np.ndarray:
+        """(3N, 3N) Hessian ∂²E/∂x∂x in eV/Å², atom-major (x, y, z), no mass weighting."""
+        return potentials.hessian(self.potential, self._graph(atoms), chunk=chunk).cpu().double().numpy()
+
+    def get_hessian_vector_products(self, atoms: Atoms | None, vectors: np.ndarray, chunk: int = 16) -> np.ndarray:
+        """H·u for displacement fields ``vectors`` (k, N, 3) in Å → (k, N, 3) in eV/Å.
+
+        The exact harmonic force change of a displacement u is -H·u: phonopy's
+        symmetry-reduced displacements then cost one product each, with no
+        finite-difference error.
+        """
+        vectors = torch.as_tensor(np.asarray(vectors, dtype=float).reshape(-1, len(atoms if atoms is not None else self.atoms), 3))
+        graph = self._graph(atoms)
+        return potentials.hessian_vector_products(self.potential, graph, vectors, chunk).cpu().double().numpy()

@@ -14,7 +14,7 @@ import almd
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("almd.demo", "silicon phonons from SevenNet-0 through almd.Calculator (no input files)"),
+    "demo": ("almd.demo", "silicon phonons: SevenNet-0 through almd.Calculator vs VASP PBE (no input files)"),
     "phonons": ("almd.phonons", "phonons, thermal properties and kappa for any calculator"),
 }
 

@@ -129,3 +129,10 @@ def test_unknown_element_names_it():
 def test_unknown_model_name_lists_known():
     with pytest.raises(FileNotFoundError, match="sevennet-0"):
         almd.Calculator("no-such-model")
+
+
+def test_hessian_vector_products_match_full_hessian(sevennet64, si2):
+    h = sevennet64.get_hessian(si2)
+    vectors = np.random.default_rng(0).normal(size=(4, len(si2), 3))
+    hv = sevennet64.get_hessian_vector_products(si2, vectors)
+    np.testing.assert_allclose(hv.reshape(4, -1), vectors.reshape(4, -1) @ h.T, atol=1e-9)

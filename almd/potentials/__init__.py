@@ -12,13 +12,18 @@ from pathlib import Path
 
 import torch
 
-from almd.potentials.autodiff import energy_forces_stress, hessian, hessian_vector_product
+from almd.potentials.autodiff import (
+    energy_forces_stress,
+    hessian,
+    hessian_vector_product,
+    hessian_vector_products,
+)
 from almd.potentials.graph import Graph, build_graph, neighbor_pairs
 from almd.potentials.potential import Potential, UnknownElementError
 
 __all__ = [
     "Graph", "Potential", "UnknownElementError", "build_graph", "neighbor_pairs",
-    "energy_forces_stress", "hessian", "hessian_vector_product", "load", "save",
+    "energy_forces_stress", "hessian", "hessian_vector_product", "hessian_vector_products", "load", "save",
 ]
 
 FORMAT = "almd-potential-1"

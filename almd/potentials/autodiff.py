@@ -55,31 +55,34 @@ def hessian_vector_product(
     return hv
 
 
-def hessian(potential: Potential, graph: Graph, chunk: int = 16, symmetrize: bool = True) -> torch.Tensor:
-    """Full (3n, 3n) Hessian of a single-structure graph, in eV/Å², no mass weighting.
+def hessian_vector_products(potential: Potential, graph: Graph, vectors: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """H·v for a stack of ``k`` displacement fields ``vectors`` (k, n, 3) at one geometry.
 
-    One forward and one gradient with ``create_graph``, then ``chunk`` unit
-    vectors at a time through a vmapped second backward (falls back to a loop
-    over columns where a backbone's ops do not vmap).
+    One forward and one gradient with ``create_graph``, then ``chunk`` vectors at a
+    time through a vmapped second backward (a loop where a backbone's ops do not vmap).
+    Returns (k, n, 3).
     """
-    if graph.n_structures != 1:
-        raise ValueError("hessian() takes a graph of one structure; batch the columns instead")
     graph.requires_grad_(positions=True, strain=False)
     energy = potential(graph)
     (gradient,) = torch.autograd.grad(energy.sum(), graph.positions, create_graph=True)
-    gradient = gradient.reshape(-1)
-    dim = gradient.numel()
-    eye = torch.eye(dim, dtype=gradient.dtype, device=gradient.device)
-    columns = []
-    for start in range(0, dim, chunk):
-        block = eye[start:start + chunk]
+    vectors = vectors.to(gradient.dtype)
+    out = []
+    for start in range(0, len(vectors), chunk):
+        block = vectors[start:start + chunk]
         try:
-            (h,) = torch.autograd.grad(gradient, graph.positions, block, retain_graph=True, is_grads_batched=True)
-            columns.append(h.reshape(len(block), dim))
+            (hv,) = torch.autograd.grad(gradient, graph.positions, block, retain_graph=True, is_grads_batched=True)
         except RuntimeError:
-            for v in block:
-                (h,) = torch.autograd.grad(gradient, graph.positions, v, retain_graph=True)
-                columns.append(h.reshape(1, dim))
-    h = torch.cat(columns)
+            hv = torch.stack([torch.autograd.grad(gradient, graph.positions, v, retain_graph=True)[0] for v in block])
+        out.append(hv.detach())
+    return torch.cat(out)
+
+
+def hessian(potential: Potential, graph: Graph, chunk: int = 16, symmetrize: bool = True) -> torch.Tensor:
+    """Full (3n, 3n) Hessian of a single-structure graph, in eV/Å², no mass weighting."""
+    if graph.n_structures != 1:
+        raise ValueError("hessian() takes a graph of one structure; batch the columns instead")
+    dim = graph.positions.numel()
+    eye = torch.eye(dim, dtype=graph.positions.dtype, device=graph.positions.device).reshape(dim, -1, 3)
+    h = hessian_vector_products(potential, graph, eye, chunk).reshape(dim, dim)
     # exact mixed partials commute; the computed ones only to round-off
     return 0.5 * (h + h.T) if symmetrize else h
