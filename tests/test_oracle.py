@@ -423,3 +423,11 @@ def test_calculator_defined_in_a_user_script(tmp_path):
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.split() == ["ok", "1.5"], out.stderr
+
+
+def test_oracle_and_dataset_do_not_import_torch():
+    """The oracle must run on DFT nodes without the ML stack (architecture contract)."""
+    code = ("import sys, almd.oracle, almd.dataset; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sevenn', 'mace')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
