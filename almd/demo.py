@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     t_fd = time.perf_counter() - t0
     t0 = time.perf_counter()
     exact = phonons(reference.atoms, almd.Calculator(args.model, dtype="float64"),
-                    supercell=reference.supercell_matrix, method="hessian", mesh=dft.mesh)
+                    supercell=reference.supercell_matrix, method="hvp", mesh=dft.mesh)
     t_hessian = time.perf_counter() - t0
 
-    rows = [("", "VASP PBE", f"{args.model} (displacements)", f"{args.model} (Hessian)")]
+    rows = [("", "VASP PBE", f"{args.model} (displacements)", f"{args.model} (exact HVP)")]
     for name in dft.frequencies_thz:
         rows.append((f"ω({name}) max, THz", f"{max(dft.frequencies_thz[name]):.2f}",
                      f"{max(model.frequencies_thz[name]):.2f}", f"{max(exact.frequencies_thz[name]):.2f}"))
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     print(f"band MAE vs DFT: {errors['bz_mae_thz']:.3f} THz over the Brillouin zone; "
-          f"time: displacements {t_fd:.1f} s, Hessian {t_hessian:.1f} s")
+          f"time: displacements {t_fd:.1f} s, HVP {t_hessian:.1f} s")
 
     model.to_json(args.out / "sevennet0_si.json")
     dft.to_json(args.out / "vasp_pbe_si.json")

@@ -165,6 +165,7 @@ def phonopy_from_calculator(
     method: str = "auto",
     primitive: str | np.ndarray | None = "auto",
     subtract_residual: bool = True,
+    plusminus: bool | str = "auto",
 ) -> Phonopy:
     """A Phonopy object with force constants from the calculator.
 
@@ -176,16 +177,34 @@ def phonopy_from_calculator(
     """
     calc = resolve_calculator(calculator)
     ph = build_phonopy(atoms, supercell, primitive)
+    if method not in ("auto", "hessian", "hvp", "displacement"):
+        raise ValueError(f"method must be auto, hessian, hvp or displacement, got {method!r}")
     if method == "hessian" and not has_hessian(calc):
         raise ValueError(f"{calculator_label(calculator)} has no Hessian; use method='displacement'")
+    if method == "hvp" and not has_hvp(calc):
+        raise ValueError(f"{calculator_label(calculator)} has no Hessian-vector products; use method='displacement'")
     use_hessian = method == "hessian" or (method == "auto" and has_analytic_hessian(calc))
-    if method not in ("auto", "hessian", "displacement"):
-        raise ValueError(f"method must be auto, hessian or displacement, got {method!r}")
     if use_hessian:
         ph.force_constants = hessian_to_fc(get_hessian(calc, to_ase_atoms(ph.supercell)))
         return ph
-    ph.generate_displacements(distance=distance)
+    ph.generate_displacements(distance=distance, is_plusminus=plusminus)
+    if method == "hvp":
+        # exact harmonic forces -H·u of phonopy's symmetry-reduced displacements:
+        # one Hessian-vector product each, no finite-difference error
+        return set_forces_and_fc(ph, hvp_forces(ph, calc))
     return set_forces_and_fc(ph, displaced_forces(ph, calc, subtract_residual))
+
+
+def has_hvp(calc: AseCalculator) -> bool:
+    return callable(getattr(calc, "get_hessian_vector_products", None))
+
+
+def hvp_forces(ph: Phonopy, calc: AseCalculator) -> np.ndarray:
+    """Forces -H·u of ph's displacements from the calculator's Hessian-vector products."""
+    perfect = to_ase_atoms(ph.supercell)
+    us = np.array([c.positions - ph.supercell.positions for c in ph.supercells_with_displacements])
+    us -= np.round(us @ np.linalg.inv(ph.supercell.cell)) @ ph.supercell.cell  # minimum image
+    return -calc.get_hessian_vector_products(perfect, us)
 
 
 def phonopy_on_dataset(reference: Phonopy, calculator: str | AseCalculator, subtract_residual: bool = True) -> Phonopy:
@@ -347,6 +366,7 @@ def phonons(
     fmax: float = 0.005,
     distance: float = 0.01,
     method: str = "auto",
+    plusminus: bool | str = "auto",
     primitive: str | np.ndarray | None = "auto",
     mesh: float | Sequence[int] = 100.0,
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
@@ -355,7 +375,8 @@ def phonons(
     calc = resolve_calculator(calculator)
     if relax:
         atoms = relax_structure(atoms, calc, fmax=fmax)
-    ph = phonopy_from_calculator(atoms, calc, supercell, distance=distance, method=method, primitive=primitive)
+    ph = phonopy_from_calculator(atoms, calc, supercell, distance=distance, method=method, primitive=primitive,
+                                 plusminus=plusminus)
     result = analyse(ph, calculator_label(calculator), mesh=mesh, temperatures=temperatures)
     result.extra.update({"relaxed": relax, "method": "hessian" if ph.dataset is None else "displacement"})
     return result

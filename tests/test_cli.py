@@ -1,0 +1,40 @@
+"""The command line as a user meets it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import almd
+
+
+def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "almd.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_version():
+    out = run("--version")
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"almd {almd.__version__}"
+
+
+def test_unknown_subcommand_is_an_error_listing_commands():
+    out = run("frobnicate")
+    assert out.returncode != 0
+    assert "demo" in out.stderr and "phonons" in out.stderr
+
+
+def test_demo_runs_offline_and_two_routes_agree(tmp_path):
+    """The README's main job: embedded VASP Si data, SevenNet-0 by displacements and by exact HVPs."""
+    out = run("demo", "--out", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "demo" / "si_bands.png").stat().st_size > 10_000
+    dft = json.loads((tmp_path / "demo" / "vasp_pbe_si.json").read_text())
+    model = json.loads((tmp_path / "demo" / "sevennet0_si.json").read_text())
+    assert abs(max(dft["frequencies_thz"]["Γ"]) - 15.09) < 0.02
+    # SevenNet-0 softens silicon's optical mode (its own calculator: 12.47 THz at this lattice constant)
+    assert 11.5 < max(model["frequencies_thz"]["Γ"]) < 13.5
+    line = next(l for l in out.stdout.splitlines() if l.startswith("ω(Γ)"))
+    _, by_displacement, by_hvp = line.split()[-3:]
+    assert abs(float(by_displacement) - float(by_hvp)) < 0.05
