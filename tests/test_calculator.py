@@ -136,3 +136,29 @@ def test_hessian_vector_products_match_full_hessian(sevennet64, si2):
     vectors = np.random.default_rng(0).normal(size=(4, len(si2), 3))
     hv = sevennet64.get_hessian_vector_products(si2, vectors)
     np.testing.assert_allclose(hv.reshape(4, -1), vectors.reshape(4, -1) @ h.T, atol=1e-9)
+
+
+def test_mace_matches_mace_calculator():
+    """A MACE model through almd's graph gives what mace-torch's own calculator gives."""
+    pytest.importorskip("mace")
+    import copy
+
+    import torch
+    from mace.calculators import MACECalculator
+
+    from almd.potentials.mace import small_random_mace
+
+    default = torch.get_default_dtype()
+    try:
+        pot = small_random_mace([14, 6], cutoff=4.5, seed=1).double()
+        reference = MACECalculator(models=copy.deepcopy(pot.model), default_dtype="float64")
+    finally:
+        torch.set_default_dtype(default)  # MACECalculator changes the global default
+    atoms = bulk("SiC", "zincblende", a=4.36, cubic=True)
+    atoms.rattle(0.05, seed=7)
+    theirs = atoms.copy()
+    theirs.calc = reference
+    atoms.calc = almd.Calculator(pot, dtype="float64")
+    assert atoms.get_potential_energy() == pytest.approx(theirs.get_potential_energy(), abs=1e-10)
+    np.testing.assert_allclose(atoms.get_forces(), theirs.get_forces(), atol=1e-10)
+    np.testing.assert_allclose(atoms.get_stress(), theirs.get_stress(), atol=1e-10)
