@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relax", action="store_true", help="relax with the calculator first (FIRE, FrechetCellFilter, FixSymmetry)")
     p.add_argument("--fmax", type=float, default=0.005, help="relaxation threshold, eV/Å (default 0.005)")
     p.add_argument("--distance", type=float, default=0.01, help="displacement amplitude, Å (default 0.01)")
+    p.add_argument("--plusminus", action="store_true",
+                   help="±u displacements everywhere (central differences; default: phonopy's choice)")
     p.add_argument("--method", choices=("auto", "displacement", "hessian"), default="auto",
                    help="force constants from displacements or the calculator's Hessian (default: Hessian if available)")
     p.add_argument("--mesh", type=float, nargs="+", default=[100.0],
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
         atoms = read(args.structure) if args.structure else ref.atoms
         model = phonons(atoms, calc, supercell or [2, 2, 2], relax=args.relax, fmax=args.fmax,
-                        distance=args.distance, method=args.method, mesh=mesh, temperatures=args.temperatures)
+                        distance=args.distance, method=args.method, plusminus=args.plusminus or "auto",
+                        mesh=mesh, temperatures=args.temperatures)
         model.label = args.calculator
         dft = None
         if ref is not None:  # a structure of one's own and a reference: compare on the reference's q-points
