@@ -79,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         k_model, k_dft = km.kappa_300K_W_mK, kd.kappa_300K_W_mK
     t_end = time.perf_counter()
 
-    print(f"Si: {args.model} vs VASP PBE ({ref.path}); model on the DFT displacements"
-          + (" after relaxation" if args.relax else " at the DFT geometry"))
+    how = ("relaxed with the model, fresh 0.01 Å displacements (MDR protocol)" if args.relax
+           else "model on the DFT displacements at the DFT geometry")
+    print(f"Si: {args.model} vs VASP PBE ({ref.path}); {how}")
+    if "volume_per_atom" in model.extra:
+        v_m, v_d = model.extra["volume_per_atom"], ref.atoms.get_volume() / len(ref.atoms)
+        print(f"volume per atom: model {v_m:.3f} Å³, DFT {v_d:.3f} Å³ ({100 * (v_m / v_d - 1):+.2f} %)")
     print(table(model, dft, err, k_model, k_dft))
     print(f"\nMDR metrics at 300 K: |Δω_max| {err['omega_max_K_abs_error']:.1f} K, |ΔS| {err['S_J_K_mol_abs_error']:.2f} J/K/mol, "
           f"|ΔF| {err['F_kJ_mol_abs_error']:.2f} kJ/mol, |ΔC_V| {err['Cv_J_K_mol_abs_error']:.2f} J/K/mol (per mole of Si₂ cells)")

@@ -147,6 +147,7 @@ def phonons_vs_reference(
         path=_path_from_segments(ref_result.band["segments"]),
     )
     model.extra["relaxed"] = relax
+    model.extra["volume_per_atom"] = float(np.linalg.det(ph.unitcell.cell)) / len(ph.unitcell)
     return model, ref_result, compare(model, ref_result)
 
 
