@@ -151,7 +151,53 @@ def test_compare_with_itself_is_zero_and_json(sw_result, tmp_path):
     assert "phonopy" not in d and "per mole of phonopy primitive cells" in d["units"]["thermal"]
 
 
+class _AutodiffStyle:
+    """Stands in for almd.Calculator: forces plus a get_hessian() method, no 'hessian' property."""
+
+    def __init__(self, inner):
+        self.inner, self.hessian_calls = inner, 0
+        self.implemented_properties = ["energy", "forces"]
+
+    def get_forces(self, atoms):
+        return self.inner.get_forces(atoms)
+
+    def get_hessian(self, atoms):
+        self.hessian_calls += 1
+        return self.inner.get_property("hessian", atoms).toarray()
+
+    # just enough of the ASE calculator protocol for Atoms.get_forces()
+    def get_property(self, name, atoms, allow_calculation=True):
+        return self.inner.get_property(name, atoms, allow_calculation)
+
+
+def test_get_hessian_contract(si_prim, sw):
+    calc = _AutodiffStyle(sw)
+    ph_auto = P.phonopy_from_calculator(si_prim, calc, 2)  # autodiff Hessians are costly: auto displaces
+    assert calc.hessian_calls == 0 and ph_auto.dataset is not None
+    ph_h = P.phonopy_from_calculator(si_prim, calc, 2, method="hessian")
+    assert calc.hessian_calls == 1
+    fc_h = ph_h.force_constants[ph_auto.primitive.p2s_map]
+    assert np.abs(ph_auto.force_constants - fc_h).max() < 1e-3 * np.abs(fc_h).max()
+    with pytest.raises(ValueError, match="no Hessian"):
+        P.phonopy_from_calculator(si_prim, P.resolve_calculator("emt"), 2, method="hessian")
+
+
 # ------------------------------------------------------------------ DFT reference
+CHALCOGENIDE = ROOT.parent / "shared" / "data" / "dft" / "chalcogenides-pbe" / "mp-1000.phonopy.yaml.xz"
+
+
+@pytest.mark.skipif(not CHALCOGENIDE.exists(), reason="chalcogenide DFT data not found")
+def test_phonopy_yaml_reference_matches_published_dft():
+    """BaTe (mp-1000): our thermal properties of the DFT data vs the published benchmark values."""
+    ref = P.load_reference(CHALCOGENIDE)
+    r = ref.result(temperatures=[300.0])
+    assert r.formula == "BaTe" and len(ref.phonopy.supercell) == 216
+    assert r.thermal_300K["S_J_K_mol"] == pytest.approx(103.56, abs=0.3)
+    assert r.thermal_300K["Cv_J_K_mol"] == pytest.approx(49.30, abs=0.1)
+    assert r.thermal_300K["F_kJ_mol"] == pytest.approx(-15.93, abs=0.1)
+    assert r.omega_max_thz == pytest.approx(3.655, abs=0.05)
+
+
 @needs_si_pbe
 def test_si_pbe_reference_gamma_optical(si_pbe_ref):
     r = si_pbe_ref.result(mesh=[8, 8, 8])
