@@ -12,6 +12,7 @@ import pytest
 from ase.build import bulk
 from ase.units import _amu, _e
 
+from almd.data import SI_PBE as DATA_SI_PBE
 from almd.dataset import (
     LabelDatabase,
     assign_split,
@@ -24,7 +25,7 @@ from almd.dataset import (
     structure_hash,
 )
 
-SI_PBE = Path(__file__).parent / "data" / "si-pbe" / "phono3py_disp.yaml"
+SI_PBE = DATA_SI_PBE / "phono3py_disp.yaml"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "dft"
 
 

@@ -27,7 +27,7 @@ from almd.oracle import (
     resolve_spec,
 )
 
-A_SI_PBE = 5.46626289  # lattice constant of the VASP PBE data in tests/data/si-pbe
+A_SI_PBE = 5.46626289  # lattice constant of the VASP PBE data in almd/data/si-pbe
 
 
 def si8(rattle: float = 0.05, seed: int = 0) -> Atoms:
