@@ -149,6 +149,9 @@ def test_compare_with_itself_is_zero_and_json(sw_result, tmp_path):
     d = json.loads(out.read_text())
     assert d["frequencies_thz"]["Γ"] == sw_result.frequencies_thz["Γ"]
     assert "phonopy" not in d and "per mole of phonopy primitive cells" in d["units"]["thermal"]
+    back = P.PhononResult.from_json(out)
+    assert back.phonopy is None and back.thermal_300K == sw_result.thermal_300K
+    assert P.compare(back, sw_result)["band_mae_thz"] == pytest.approx(0.0, abs=1e-9)  # from stored bands
 
 
 class _AutodiffStyle:

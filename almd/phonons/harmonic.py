@@ -262,6 +262,13 @@ class PhononResult:
             atomic_write(Path(path), text)
         return text
 
+    @classmethod
+    def from_json(cls, source: str | Path) -> "PhononResult":
+        """Read back a result written by to_json (a path or the JSON text); no Phonopy object."""
+        text = Path(source).read_text() if not str(source).lstrip().startswith("{") else str(source)
+        d = json.loads(text)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
 
 def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
