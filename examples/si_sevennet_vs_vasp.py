@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mesh", type=int, default=11, help="κ mesh n×n×n (default 11)")
     p.add_argument("--no-kappa", action="store_true")
     p.add_argument("--relax", action="store_true", help="MDR protocol: relax with the model, then displace")
+    p.add_argument("--method", choices=("displacement", "hvp"), default="displacement",
+                   help="model forces on the displacements, or exact -H·u (almd.Calculator's HVPs)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on 2 busy cores)")
     p.add_argument("--plot", default="si_sevennet_vs_vasp.png")
     p.add_argument("--json", type=Path)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ref = load_reference(args.data or find_si_pbe())
     calc = resolve_calculator(args.model)
-    model, dft, err = phonons_vs_reference(ref, calc, relax=args.relax)
+    model, dft, err = phonons_vs_reference(ref, calc, relax=args.relax, method=args.method)
     model.label, dft.label = args.model, "VASP PBE"
     t_harm = time.perf_counter()
     k_model = k_dft = None
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     how = ("relaxed with the model, fresh 0.01 Å displacements (MDR protocol)" if args.relax
            else "model on the DFT displacements at the DFT geometry")
-    print(f"Si: {args.model} vs VASP PBE ({ref.path}); {how}")
+    print(f"Si: {args.model} vs VASP PBE ({ref.path}); {how}; harmonic forces: {args.method}")
     if "volume_per_atom" in model.extra:
         v_m, v_d = model.extra["volume_per_atom"], ref.atoms.get_volume() / len(ref.atoms)
         print(f"volume per atom: model {v_m:.3f} Å³, DFT {v_d:.3f} Å³ ({100 * (v_m / v_d - 1):+.2f} %)")

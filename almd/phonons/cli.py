@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distance", type=float, default=0.01, help="displacement amplitude, Å (default 0.01)")
     p.add_argument("--plusminus", action="store_true",
                    help="±u displacements everywhere (central differences; default: phonopy's choice)")
-    p.add_argument("--method", choices=("auto", "displacement", "hessian"), default="auto",
-                   help="force constants from displacements or the calculator's Hessian (default: Hessian if available)")
+    p.add_argument("--method", choices=("auto", "displacement", "hessian", "hvp"), default="auto",
+                   help="force constants from finite displacements, the calculator's Hessian, or exact -H·u forces "
+                        "of phonopy's displacements (hvp); default: analytic Hessian if cheap, else displacements")
     p.add_argument("--mesh", type=float, nargs="+", default=[100.0],
                    help="q-mesh for DOS/thermal/ω_max: a length (default 100) or 3 integers")
     p.add_argument("--kappa", action="store_true", help="also κ(300 K) through phono3py (RTA)")

@@ -26,6 +26,7 @@ from almd.phonons.harmonic import (
     analyse,
     build_phonopy,
     displaced_forces,
+    hvp_forces,
     phonopy_on_dataset,
     relax_structure,
     set_forces_and_fc,
@@ -116,6 +117,7 @@ def phonons_vs_reference(
     relax: bool = False,
     fmax: float = 0.005,
     distance: float = 0.01,
+    method: str = "displacement",
     mesh: float | Sequence[int] = 100.0,
     temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
 ) -> tuple[PhononResult, PhononResult, dict[str, Any]]:
@@ -124,6 +126,7 @@ def phonons_vs_reference(
     Default: the model's forces on the reference's own displaced supercells.
     relax=True is the MDR protocol: relax with the model (symmetry kept), then
     new `distance` Å displacements on the same supercell matrix.
+    method="hvp" replaces the model's finite-difference forces by exact −H·u.
     """
     ref = as_reference(reference)
     calc = resolve_calculator(calculator)
@@ -132,11 +135,11 @@ def phonons_vs_reference(
         atoms = relax_structure(ref.atoms, calc, fmax=fmax)
         ph = build_phonopy(atoms, ref.supercell_matrix, ref.phonopy.primitive_matrix)
         ph.generate_displacements(distance=distance)
-        set_forces_and_fc(ph, displaced_forces(ph, calc))
+        set_forces_and_fc(ph, hvp_forces(ph, calc) if method == "hvp" else displaced_forces(ph, calc))
         if ref.phonopy.nac_params is not None:
             ph.nac_params = ref.phonopy.nac_params
     else:
-        ph = phonopy_on_dataset(ref.phonopy, calc)
+        ph = phonopy_on_dataset(ref.phonopy, calc, method=method)
     # Same named points, band path and mesh as the reference, for a like-for-like comparison.
     model = analyse(
         ph,
@@ -147,6 +150,7 @@ def phonons_vs_reference(
         path=_path_from_segments(ref_result.band["segments"]),
     )
     model.extra["relaxed"] = relax
+    model.extra["method"] = method
     model.extra["volume_per_atom"] = float(np.linalg.det(ph.unitcell.cell)) / len(ph.unitcell)
     return model, ref_result, compare(model, ref_result)
 
