@@ -22,10 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def find_si_pbe() -> Path:
-    for folder in (ROOT / "tests" / "data" / "si-pbe", ROOT.parent / "shared" / "data" / "dft" / "si-pbe"):
+    try:  # shipped with the package
+        from almd.data import SI_PBE as packaged
+    except ImportError:
+        packaged = ROOT / "almd" / "data" / "si-pbe"
+    for folder in (packaged, ROOT / "tests" / "data" / "si-pbe", ROOT.parent / "shared" / "data" / "dft" / "si-pbe"):
         if (folder / "phono3py_disp.yaml").exists():
             return folder
-    raise SystemExit("si-pbe data not found (tests/data/si-pbe or ../shared/data/dft/si-pbe); pass --data")
+    raise SystemExit("si-pbe data not found (almd/data, tests/data or ../shared/data/dft); pass --data")
 
 
 def table(model, dft, err, k_model, k_dft) -> str:
@@ -50,7 +54,7 @@ def table(model, dft, err, k_model, k_dft) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="sevennet-0")
-    p.add_argument("--data", type=Path, help="si-pbe folder (default: tests/data/si-pbe or ../shared/data/dft/si-pbe)")
+    p.add_argument("--data", type=Path, help="si-pbe folder (default: the copy shipped in almd.data)")
     p.add_argument("--mesh", type=int, default=11, help="κ mesh n×n×n (default 11)")
     p.add_argument("--no-kappa", action="store_true")
     p.add_argument("--relax", action="store_true", help="MDR protocol: relax with the model, then displace")

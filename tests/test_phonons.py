@@ -17,8 +17,12 @@ A_SW = 5.431  # Å, Stillinger–Weber's Si equilibrium lattice constant
 
 
 def _si_pbe_dir() -> Path | None:
-    # CI has ../shared beside the clone; a user's clone has the copy in tests/data.
-    for folder in (ROOT / "tests" / "data" / "si-pbe", ROOT.parent / "shared" / "data" / "dft" / "si-pbe"):
+    # The copy in tests/data or the one shipped in almd.data; CI also has ../shared beside the clone.
+    try:
+        from almd.data import SI_PBE as packaged
+    except ImportError:
+        packaged = ROOT / "almd" / "data" / "si-pbe"
+    for folder in (ROOT / "tests" / "data" / "si-pbe", packaged, ROOT.parent / "shared" / "data" / "dft" / "si-pbe"):
         if (folder / "phono3py_disp.yaml").exists() and (folder / "FORCES_FC3").exists():
             return folder
     return None
