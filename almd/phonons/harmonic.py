@@ -176,9 +176,9 @@ def phonopy_from_calculator(
     3N Hessian-vector products, more than a handful of displacements),
     "hvp" (phonopy's displacements with forces −H·u from the calculator's
     `get_hessian_vector_products`: exact harmonic forces, one product each.
-    For SevenNet-0 this matters: its energy surface is not quadratic on the
-    0.01 Å scale — Si: 0.01 Å central differences differ from its exact Hessian
-    by up to 0.16 eV/Å², 1.7 %).
+    It can matter: SevenNet-0's energy surface of Si at a = 5.43 Å is not
+    quadratic on the 0.01 Å scale — 0.01 Å central differences differ from its
+    exact Hessian by 0.16 eV/Å² (1.7 %) — although at PBE's 5.466 Å by only 0.001).
     plusminus: phonopy's choice ("auto": −u only where symmetry cannot supply
     it); True forces central differences at twice the cost.
     """
