@@ -1,0 +1,189 @@
+"""The fine-tuning settings: typed dataclasses, read from TOML.
+
+An unknown key or a value of the wrong kind is an error that names the key,
+the value and what is allowed, before anything is loaded or trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from almd.potentials.adapters import STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A fine-tuning setting is unknown or has a bad value."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sevennet-0"  #: pretrained name or model file (see almd.potentials.load)
+    strategy: str = "full"  #: one of almd.potentials.adapters.STRATEGIES
+    lora_rank: int = 4
+    lora_alpha: float = 0.0  #: 0 means alpha = rank (scale 1)
+    lora_radial: bool = True  #: also adapt the convolutions' radial MLPs
+    freeze: list[str] = field(default_factory=list)  #: layer groups kept fixed
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    #: phonon data sets (phonopy/phono3py yaml or folder; or extxyz / ASE db frames with info['hessian'])
+    phonon: list[str] = field(default_factory=list)
+    #: energy/force/stress data (extxyz, ASE db, or a phonopy data set's displaced supercells)
+    efs: list[str] = field(default_factory=list)
+    validation: list[str] = field(default_factory=list)  #: explicit validation files (else a split)
+    validation_fraction: float = 0.1
+    validation_columns: int = 3  #: fixed Hessian columns per validation phonon structure
+    max_validation: int = 0  #: cap on validation EFS structures (0: no cap)
+    replay: str = ""  #: "" (no co-training), "self" (self-distilled) or a labelled file
+    replay_count: int = 16  #: self-distilled structures to generate
+    replay_rattle: float = 0.03  #: Å, Gaussian displacement of self-distilled structures
+    replay_strain: float = 0.01  #: max |ε| of their random symmetric strain
+    fit_energy_shifts: bool = True
+
+
+@dataclass
+class LossConfig:
+    energy: float = -1.0  #: λ_E; negative means 0 with co-training and 20 without (PFT)
+    forces: float = 20.0
+    stress: float = 5.0
+    hessian: float = 100.0
+    replay_ratio: int = 4  #: replay steps after each phonon step (with replay data)
+    huber_delta: float = 0.1
+    replay_energy: float = 500.0
+    replay_forces: float = 200.0
+    replay_stress: float = 50.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    clip: float = 100.0
+    ema: float = 0.999  #: 0 disables the EMA
+
+
+@dataclass
+class RunConfig:
+    steps: int = 200  #: phonon (fine-tuning) steps
+    batch_size: int = 1  #: phonon structures per step
+    efs_batch: int = 1  #: EFS structures added to each fine-tuning step
+    replay_batch: int = 1
+    eval_every: int = 10
+    patience: int = 5  #: evaluations without improvement before stopping (0: never stop)
+    checkpoint_every: int = 10
+    seed: int = 0
+    output: str = "finetune-out"
+    threads: int = 0  #: torch threads (0: leave as is)
+    progress: bool = True
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "FinetuneConfig":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(sections)}")
+        hints = typing.get_type_hints(cls)
+        parts = {}
+        for name in sections:
+            parts[name] = _section(name, hints[name], raw.get(name, {}))
+        cfg = cls(**parts)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "FinetuneConfig":
+        with open(path, "rb") as fh:
+            try:
+                raw = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        def bad(key: str, value: Any, allowed: str) -> ConfigError:
+            return ConfigError(f"{key} = {value!r} is not allowed; {allowed}")
+
+        if self.model.strategy not in STRATEGIES:
+            raise bad("model.strategy", self.model.strategy, f"allowed: {', '.join(STRATEGIES)}")
+        if self.model.dtype not in ("float32", "float64"):
+            raise bad("model.dtype", self.model.dtype, "allowed: float32, float64")
+        if self.model.lora_rank < 1:
+            raise bad("model.lora_rank", self.model.lora_rank, "must be >= 1")
+        if not 0.0 <= self.data.validation_fraction < 1.0:
+            raise bad("data.validation_fraction", self.data.validation_fraction, "must be in [0, 1)")
+        for key in ("forces", "stress", "hessian", "huber_delta", "replay_energy", "replay_forces", "replay_stress"):
+            if getattr(self.loss, key) < 0:
+                raise bad(f"loss.{key}", getattr(self.loss, key), "must be >= 0")
+        if self.loss.replay_ratio < 0:
+            raise bad("loss.replay_ratio", self.loss.replay_ratio, "must be >= 0")
+        if self.optim.lr <= 0:
+            raise bad("optim.lr", self.optim.lr, "must be > 0")
+        if not 0.0 <= self.optim.ema < 1.0:
+            raise bad("optim.ema", self.optim.ema, "must be in [0, 1)")
+        for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "replay_batch"):
+            if getattr(self.run, key) < 1:
+                raise bad(f"run.{key}", getattr(self.run, key), "must be >= 1")
+
+    @property
+    def energy_weight(self) -> float:
+        """λ_E as PFT sets it: 0 with co-training (replay), 20 without, unless given."""
+        if self.loss.energy >= 0:
+            return self.loss.energy
+        return 0.0 if self.co_training else 20.0
+
+    @property
+    def co_training(self) -> bool:
+        return bool(self.data.replay) and self.loss.replay_ratio > 0
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = list(hints)
+    values = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key '{name}.{key}'; allowed in [{name}]: {', '.join(allowed)}")
+        values[key] = _coerce(f"{name}.{key}", hints[key], value)
+    return cls(**values)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} = {value!r}: expected a list of strings")
+        return list(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key} = {value!r}: expected {getattr(hint, '__name__', hint)}")

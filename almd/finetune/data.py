@@ -1,0 +1,221 @@
+"""Training samples: labels from files or Atoms, checks before training, energy shifts, self-distillation.
+
+A :class:`Sample` holds one structure and whichever labels it has (energy,
+forces, stress, Hessian). Phonon structures are relaxed, so missing force and
+stress labels of a Hessian sample are zero (docs/methods.md §1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.stress import voigt_6_to_full_3x3_stress
+
+from almd.potentials import Potential, build_graph, energy_forces_stress, neighbor_pairs
+from almd.potentials.graph import NeighborPairs
+
+
+class DataError(ValueError):
+    """Training data that cannot be used (found before training starts)."""
+
+
+@dataclass
+class Sample:
+    atoms: Atoms
+    energy: float | None = None  # eV, whole structure
+    forces: np.ndarray | None = None  # (n, 3) eV/Å
+    stress: np.ndarray | None = None  # (3, 3) eV/Å³, ASE sign
+    hessian: np.ndarray | None = None  # (3n, 3n) eV/Å², no mass weighting
+    name: str = ""
+    _pairs: NeighborPairs | None = field(default=None, repr=False)
+
+    def pairs(self, cutoff: float) -> NeighborPairs:
+        # positions never change during training: one neighbour list per sample
+        if self._pairs is None:
+            self._pairs = neighbor_pairs(self.atoms, cutoff)
+        return self._pairs
+
+
+def sample_from_atoms(atoms: Atoms, name: str = "") -> Sample:
+    """Labels from ``atoms.calc.results`` and ``atoms.info['hessian']``."""
+    res = dict(atoms.calc.results) if atoms.calc is not None else {}
+    stress = res.get("stress")
+    if stress is not None:
+        stress = np.asarray(stress, dtype=float)
+        stress = voigt_6_to_full_3x3_stress(stress) if stress.shape == (6,) else stress.reshape(3, 3)
+    hessian = atoms.info.get("hessian")
+    forces = res.get("forces")
+    if hessian is not None:  # relaxed phonon structure: zero forces and stress are labels too
+        hessian = np.asarray(hessian, dtype=float)
+        forces = np.zeros((len(atoms), 3)) if forces is None else forces
+        if stress is None and atoms.pbc.all():
+            stress = np.zeros((3, 3))
+    frame = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    return Sample(frame, None if res.get("energy") is None else float(res["energy"]),
+                  None if forces is None else np.asarray(forces, dtype=float), stress, hessian,
+                  name or atoms.get_chemical_formula())
+
+
+def _is_phonon_set(path: Path) -> bool:
+    return path.is_dir() or ".yaml" in path.name
+
+
+def _phonon_file(path: Path) -> Path:
+    if not path.is_dir():
+        return path
+    for pattern in ("phono3py_disp.yaml", "phono3py*.yaml*", "phonopy*.yaml*"):
+        hits = sorted(path.glob(pattern))
+        if hits:
+            return hits[0]
+    raise DataError(f"{path}: no phonopy/phono3py data set in this folder")
+
+
+def _frames(path: Path) -> list[Atoms]:
+    if path.suffix == ".db":
+        from almd.dataset import LabelDatabase
+
+        return LabelDatabase(path).frames(status="ok")
+    import ase.io
+
+    return ase.io.read(str(path), index=":")
+
+
+def load_phonon(path: str | Path) -> list[Sample]:
+    """Hessian samples: a phonon data set's perfect supercell with its DFT Hessian, or frames with one."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"phonon data not found: {path}")
+    if _is_phonon_set(path):
+        from almd.dataset import phonon_hessian
+
+        file = _phonon_file(path)
+        supercell, h = phonon_hessian(file)
+        supercell.info["hessian"] = h
+        return [sample_from_atoms(supercell, f"{file.parent.name}/{file.name}:supercell")]
+    out = [sample_from_atoms(a, f"{path.name}[{i}]") for i, a in enumerate(_frames(path))]
+    return [s for s in out if s.hessian is not None]
+
+
+def load_efs(path: str | Path) -> list[Sample]:
+    """EFS samples: extxyz / ASE db frames, or a phonon data set's displaced supercells."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"EFS data not found: {path}")
+    if _is_phonon_set(path):
+        from almd.dataset import displaced_supercells
+
+        file = _phonon_file(path)
+        return [sample_from_atoms(a, f"{file.name}:displaced[{a.info.get('index', i)}]")
+                for i, a in enumerate(displaced_supercells(file))]
+    return [sample_from_atoms(a, f"{path.name}[{i}]") for i, a in enumerate(_frames(path))]
+
+
+def as_samples(items: list[Any], role: str) -> list[Sample]:
+    return [x if isinstance(x, Sample) else sample_from_atoms(x, f"{role}[{i}]") for i, x in enumerate(items)]
+
+
+def check_samples(samples: list[Sample], potential: Potential, role: str) -> None:
+    """Raise :class:`DataError` for anything that would break or poison training."""
+    for s in samples:
+        n = len(s.atoms)
+        try:
+            potential.check_species(s.atoms.numbers)
+        except ValueError as exc:
+            raise DataError(f"{role} structure {s.name}: {exc}") from None
+        if s.energy is None and s.forces is None and s.stress is None and s.hessian is None:
+            raise DataError(f"{role} structure {s.name} has no labels (energy, forces, stress or Hessian)")
+        for label, value, shape in (("forces", s.forces, (n, 3)), ("stress", s.stress, (3, 3)),
+                                    ("hessian", s.hessian, (3 * n, 3 * n))):
+            if value is None:
+                continue
+            if value.shape != shape:
+                what = "phonon supercell does not match its structure: " if label == "hessian" else ""
+                raise DataError(f"{role} structure {s.name}: {what}{label} has shape {value.shape}, "
+                                f"expected {shape} for {n} atoms")
+            if not np.isfinite(value).all():
+                raise DataError(f"{role} structure {s.name}: {label} label contains NaN or inf")
+        if s.energy is not None and not np.isfinite(s.energy):
+            raise DataError(f"{role} structure {s.name}: energy label is {s.energy}")
+
+
+def split_validation(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic split by structure content (same structure, same side, every run)."""
+    from almd.dataset import assign_split, structure_hash
+
+    train, val = [], []
+    for s in samples:
+        (val if assign_split(structure_hash(s.atoms), fraction) == "validation" else train).append(s)
+    return train, val
+
+
+def model_labels(potential: Potential, atoms: list[Atoms], dtype: torch.dtype) -> list[dict[str, np.ndarray]]:
+    """Energy, forces and stress of ``potential`` (no parameter graph)."""
+    out = []
+    for a in atoms:
+        r = energy_forces_stress(potential, build_graph(a, potential.cutoff, dtype), stress=bool(a.pbc.all()))
+        out.append({k: v.detach().double().numpy() for k, v in r.items()})
+    return out
+
+
+def fit_energy_shifts(potential: Potential, samples: list[Sample], dtype: torch.dtype) -> dict[int, float]:
+    """Per-element energy offsets s_Z (linear in composition) that best map the model's
+    energies onto the labels' (a different DFT code/pseudopotential shifts each element)."""
+    labelled = [s for s in samples if s.energy is not None]
+    if not labelled:
+        return {}
+    species = sorted({int(z) for s in labelled for z in s.atoms.numbers})
+    counts = np.array([[np.sum(s.atoms.numbers == z) for z in species] for s in labelled], dtype=float)
+    model = np.array([r["energy"].sum() for r in model_labels(potential, [s.atoms for s in labelled], dtype)])
+    residual = np.array([s.energy for s in labelled]) - model
+    shifts, *_ = np.linalg.lstsq(counts, residual, rcond=None)
+    return {z: float(v) for z, v in zip(species, shifts)}
+
+
+def apply_energy_shifts(potential: Potential, shifts: dict[int, float]) -> None:
+    """Add s_Z to the backbone's per-element energy (in place; exported with the model)."""
+    if not shifts:
+        return
+    inner = potential.model
+    with torch.no_grad():
+        if hasattr(inner, "rescale_atomic_energy"):  # SevenNet: E_i = scale·x + shift[type]
+            layer = inner._modules["rescale_atomic_energy"]
+            type_map = inner.type_map
+            shift, scale = layer.shift, layer.scale
+            if shift.numel() == 1:
+                raise DataError("this SevenNet model has one shared energy shift; per-element shifts need one per type")
+            for z, s in shifts.items():
+                shift[type_map[z]] += s
+        elif hasattr(inner, "atomic_energies_fn"):  # MACE: E0 per element
+            e0 = inner.atomic_energies_fn.atomic_energies
+            for z, s in shifts.items():
+                e0.view(-1, e0.shape[-1])[..., list(potential.species).index(z)] += s
+        else:
+            raise DataError(f"{type(potential).__name__}: no per-element energy to shift; "
+                            "set data.fit_energy_shifts = false")
+
+
+def self_distilled(potential: Potential, samples: list[Sample], count: int, rattle: float,
+                   strain: float, seed: int, dtype: torch.dtype) -> list[Sample]:
+    """Replay data from the frozen base model: training structures rattled and strained,
+    labelled by the model *before* training, so co-training pulls towards what it knew."""
+    if not samples or count < 1:
+        return []
+    rng = np.random.default_rng(seed + 7919)
+    frames = []
+    for k in range(count):
+        a = samples[k % len(samples)].atoms.copy()
+        if a.pbc.all() and strain > 0:
+            eps = rng.uniform(-strain, strain, (3, 3))
+            a.set_cell(a.cell.array @ (np.eye(3) + 0.5 * (eps + eps.T)), scale_atoms=True)
+        a.positions += rng.normal(0.0, rattle, a.positions.shape)
+        frames.append(a)
+    out = []
+    for k, (a, r) in enumerate(zip(frames, model_labels(potential, frames, dtype))):
+        stress = r["stress"][0] if "stress" in r else None
+        out.append(Sample(a, float(r["energy"].sum()), r["forces"], stress, None, f"self-distilled[{k}]"))
+    return out

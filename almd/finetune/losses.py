@@ -1,0 +1,87 @@
+"""Loss terms: energy per atom, forces, stress (MAE or Huber) and the stochastic Hessian column.
+
+All derivatives come from almd.potentials.autodiff with ``create_graph=True``,
+so the losses stay differentiable in the parameters; the Hessian-column term is
+then third-order autograd.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from almd.finetune.data import Sample
+from almd.potentials import Potential, build_graph, energy_forces_stress, hessian_vector_product
+
+
+def _graph(potential: Potential, samples: list[Sample], dtype: torch.dtype):
+    return build_graph([s.atoms for s in samples], potential.cutoff, dtype,
+                       pairs=[s.pairs(potential.cutoff) for s in samples])
+
+
+def _penalty(diff: torch.Tensor, huber: float | None) -> torch.Tensor:
+    if huber is None:
+        return diff.abs().mean()
+    return F.huber_loss(diff, torch.zeros_like(diff), delta=huber)
+
+
+def efs_terms(potential: Potential, samples: list[Sample], dtype: torch.dtype,
+              huber: float | None = None, create_graph: bool = True) -> dict[str, torch.Tensor]:
+    """Per-term losses over the samples that carry each label.
+
+    MAE form (PFT phonon batches): |ΔE|/N, mean over atoms of ‖ΔF‖₂, |Δσ|.
+    Huber form (co-training): Huber(δ) of ΔE/N, of force and of stress components.
+    """
+    want_stress = any(s.stress is not None for s in samples) and all(s.atoms.pbc.all() for s in samples)
+    graph = _graph(potential, samples, dtype)
+    out = energy_forces_stress(potential, graph, forces=True, stress=want_stress, create_graph=create_graph)
+    terms: dict[str, torch.Tensor] = {}
+    idx = [k for k, s in enumerate(samples) if s.energy is not None]
+    if idx:
+        n = torch.as_tensor([len(samples[k].atoms) for k in idx], dtype=dtype)
+        target = torch.as_tensor([samples[k].energy for k in idx], dtype=dtype)
+        terms["energy"] = _penalty((out["energy"][idx] - target) / n, huber)
+    start, pred, ref = 0, [], []
+    for s in samples:
+        n = len(s.atoms)
+        if s.forces is not None:
+            pred.append(out["forces"][start:start + n])
+            ref.append(torch.as_tensor(s.forces, dtype=dtype))
+        start += n
+    if pred:
+        diff = torch.cat(pred) - torch.cat(ref)
+        if huber is None:
+            # ‖ΔF‖₂ per atom; the tiny floor keeps the gradient finite at ΔF = 0
+            terms["forces"] = torch.sqrt((diff**2).sum(-1) + 1e-20).mean()
+        else:
+            terms["forces"] = _penalty(diff, huber)
+    idx = [k for k, s in enumerate(samples) if s.stress is not None]
+    if idx and want_stress:
+        target = torch.as_tensor(np.stack([samples[k].stress for k in idx]), dtype=dtype)
+        terms["stress"] = _penalty(out["stress"][idx] - target, huber)
+    return terms
+
+
+def hessian_term(potential: Potential, samples: list[Sample], columns: list[int], dtype: torch.dtype,
+                 create_graph: bool = True) -> torch.Tensor:
+    """MAE between model and reference Hessian column ``columns[k]`` of each structure k.
+
+    One HVP with a one-hot vector per structure gives every structure's column at
+    once (the batch Hessian is block-diagonal).
+    """
+    graph = _graph(potential, samples, dtype)
+    vectors = torch.zeros_like(graph.positions)
+    flat = vectors.view(-1)
+    targets, start = [], 0
+    for s, j in zip(samples, columns):
+        flat[3 * start + j] = 1.0
+        targets.append(torch.as_tensor(s.hessian[:, j], dtype=dtype))
+        start += len(s.atoms)
+    hv = hessian_vector_product(potential, graph, vectors, create_graph=create_graph).reshape(-1)
+    errors, start = [], 0
+    for s, target in zip(samples, targets):
+        n3 = 3 * len(s.atoms)
+        errors.append((hv[3 * start:3 * start + n3] - target).abs().mean())
+        start += len(s.atoms)
+    return torch.stack(errors).mean()

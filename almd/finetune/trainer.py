@@ -1,0 +1,381 @@
+"""The fine-tuning loop: PFT steps, co-training, EMA, validation, early stopping, checkpoints.
+
+One *step* is one fine-tuning batch (phonon structures with one random Hessian
+column each, plus EFS structures) followed by ``replay_ratio`` co-training
+batches, all with the same AdamW optimiser. Validation uses the EMA weights and
+fixed Hessian columns. A checkpoint holds everything that changes (weights,
+optimiser, EMA, RNG, step, history), so a resumed run repeats an uninterrupted
+one bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from almd import potentials
+from almd.finetune import losses
+from almd.finetune.config import FinetuneConfig
+from almd.finetune.data import (
+    DataError,
+    Sample,
+    apply_energy_shifts,
+    as_samples,
+    check_samples,
+    fit_energy_shifts,
+    load_efs,
+    load_phonon,
+    self_distilled,
+    split_validation,
+)
+from almd.potentials import Potential, adapters
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+LOG_FIELDS = ("step", "loss", "energy", "forces", "stress", "hessian", "replay", "grad_norm",
+              "val_loss", "val_hessian_mae", "val_forces_mae", "seconds")
+
+
+@dataclass
+class FinetuneResult:
+    model_path: Path | None
+    best_step: int
+    best_val_loss: float
+    steps_done: int
+    stopped_early: bool
+    initial_validation: dict[str, float]
+    best_validation: dict[str, float]
+    energy_shifts: dict[int, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters.
+
+    The decay warms up as min(d, (1+t)/(10+t)): with d = 0.999 from the first
+    step, a run of a few hundred steps would hand back mostly the base model.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+        self.params, self.decay, self.updates = params, decay, 0
+        self.shadow = {k: p.detach().clone() for k, p in params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, p in self.params.items():
+            self.shadow[k].mul_(d).add_(p.detach(), alpha=1 - d)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        if self.decay <= 0:
+            yield
+            return
+        saved = {k: p.detach().clone() for k, p in self.params.items()}
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.shadow[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(saved[k])
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        src = self.shadow if self.decay > 0 else {k: p.detach() for k, p in self.params.items()}
+        return {k: v.clone() for k, v in src.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": self.shadow, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = state["updates"]
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Finetuner:
+    """Fine-tune a potential on Hessian (phonon) and EFS labels.
+
+    ``phonon``, ``efs``, ``validation`` and ``replay`` take Atoms (labels in their
+    calculator, Hessians in ``info['hessian']``) or :class:`Sample` objects and
+    override the files named in ``config.data``. All input is checked here,
+    before any training.
+    """
+
+    def __init__(self, config: FinetuneConfig | None = None, potential: Potential | str | None = None,
+                 phonon: list | None = None, efs: list | None = None, validation: list | None = None,
+                 replay: list | None = None):
+        self.config = cfg = config or FinetuneConfig()
+        cfg.validate()
+        if cfg.run.threads > 0:
+            torch.set_num_threads(cfg.run.threads)
+        self.dtype = DTYPES[cfg.model.dtype]
+        self.output = Path(cfg.run.output)
+        torch.manual_seed(cfg.run.seed)
+        pot = potentials.load(potential if potential is not None else cfg.model.name)
+        self.potential = pot.to(dtype=self.dtype).train()
+
+        d = cfg.data
+        ph = as_samples(phonon, "phonon") if phonon is not None else [s for p in d.phonon for s in load_phonon(p)]
+        ef = as_samples(efs, "efs") if efs is not None else [s for p in d.efs for s in load_efs(p)]
+        if not ph and not ef:
+            raise DataError("no training data: give phonon and/or EFS structures (data.phonon, data.efs)")
+        check_samples(ph, pot, "phonon")
+        check_samples(ef, pot, "efs")
+        if any(s.hessian is None for s in ph):
+            raise DataError("phonon structures need a Hessian label (info['hessian'])")
+        if validation is not None or d.validation:
+            val = as_samples(validation, "validation") if validation is not None else \
+                [s for p in d.validation for s in (load_phonon(p) if _looks_phonon(p) else load_efs(p))]
+            val_ph = [s for s in val if s.hessian is not None]
+            val_efs = [s for s in val if s.hessian is None]
+        else:
+            ef, val_efs = split_validation(ef, d.validation_fraction) if d.validation_fraction > 0 else (ef, [])
+            if len(ph) > 1 and d.validation_fraction > 0:
+                ph, val_ph = split_validation(ph, d.validation_fraction)
+            else:  # a single phonon structure: validated on fixed columns, trained on random ones
+                val_ph = list(ph)
+        if d.max_validation > 0:
+            val_efs = val_efs[:d.max_validation]
+        check_samples(val_ph + val_efs, pot, "validation")
+        if not ph and not ef:
+            raise DataError("the training split is empty after taking out validation structures")
+        if not val_ph and not val_efs:
+            raise DataError("the validation split is empty: add structures, give data.validation, "
+                            "or raise data.validation_fraction")
+        self.phonon, self.efs, self.val_phonon, self.val_efs = ph, ef, val_ph, val_efs
+        self.val_columns = [list(range(min(d.validation_columns, 3 * len(s.atoms)))) for s in val_ph]
+
+        # Before any adapter: shifts fitted on the fine-tuning labels, then replay labels
+        # from the (shifted) frozen base, so both are consistent with the new data.
+        self.energy_shifts = (fit_energy_shifts(pot, ph + ef, self.dtype) if d.fit_energy_shifts else {})
+        apply_energy_shifts(pot, self.energy_shifts)
+        if replay is not None:
+            self.replay = as_samples(replay, "replay")
+        elif d.replay == "self":
+            self.replay = self_distilled(pot, ph + ef, d.replay_count, d.replay_rattle, d.replay_strain,
+                                         cfg.run.seed, self.dtype)
+        elif d.replay:
+            self.replay = load_efs(d.replay)
+        else:
+            self.replay = []
+        check_samples(self.replay, pot, "replay")
+
+        m = cfg.model
+        adapters.apply_strategy(pot, m.strategy, rank=m.lora_rank, alpha=m.lora_alpha or None,
+                                radial=m.lora_radial, frozen_groups=m.freeze, seed=cfg.run.seed)
+        self.named_trainable = {k: p for k, p in pot.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(list(self.named_trainable.values()), lr=cfg.optim.lr,
+                                           weight_decay=cfg.optim.weight_decay)
+        self.ema = EMA(self.named_trainable, cfg.optim.ema)
+        self.rng = np.random.default_rng(cfg.run.seed)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best = {"loss": float("inf"), "step": 0, "weights": self.ema.weights(), "metrics": {}}
+        self.bad_evals = 0
+        self.initial_validation: dict[str, float] = {}
+
+    # ------------------------------------------------------------ losses
+    def weights(self) -> dict[str, float]:
+        lo = self.config.loss
+        return {"energy": self.config.energy_weight, "forces": lo.forces, "stress": lo.stress, "hessian": lo.hessian}
+
+    def finetune_loss(self, phonon: list[Sample], efs: list[Sample], columns: list[int],
+                      create_graph: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """PFT loss of one batch: λ_E·E/N + λ_F·‖ΔF‖ + λ_σ·σ + λ_Φ·MAE(Hv − Φ_col)."""
+        w = self.weights()
+        terms = losses.efs_terms(self.potential, phonon + efs, self.dtype, None, create_graph) if phonon + efs else {}
+        if phonon and w["hessian"] > 0:
+            terms["hessian"] = losses.hessian_term(self.potential, phonon, columns, self.dtype, create_graph)
+        total = sum(w[k] * v for k, v in terms.items() if w[k] > 0)
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+    def replay_loss(self, batch: list[Sample]) -> torch.Tensor:
+        lo = self.config.loss
+        terms = losses.efs_terms(self.potential, batch, self.dtype, huber=lo.huber_delta)
+        w = {"energy": lo.replay_energy, "forces": lo.replay_forces, "stress": lo.replay_stress}
+        return sum(w[k] * v for k, v in terms.items())
+
+    def _optimise(self, loss: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(self.named_trainable.values()), self.config.optim.clip)
+        self.optimizer.step()
+        self.ema.update()
+        return float(norm)
+
+    def train_step(self) -> dict[str, float]:
+        """One fine-tuning batch and its co-training batches."""
+        run, rng = self.config.run, self.rng
+        phonon = [self.phonon[i] for i in rng.integers(len(self.phonon), size=run.batch_size)] if self.phonon else []
+        columns = [int(rng.integers(3 * len(s.atoms))) for s in phonon]
+        efs = [self.efs[i] for i in rng.integers(len(self.efs), size=run.efs_batch)] if self.efs and run.efs_batch else []
+        loss, terms = self.finetune_loss(phonon, efs, columns)
+        record = {"loss": float(loss.detach()), **terms, "grad_norm": self._optimise(loss)}
+        if self.config.co_training and self.replay:
+            replay = []
+            for _ in range(self.config.loss.replay_ratio):
+                batch = [self.replay[i] for i in rng.integers(len(self.replay), size=run.replay_batch)]
+                r = self.replay_loss(batch)
+                self._optimise(r)
+                replay.append(float(r.detach()))
+            record["replay"] = float(np.mean(replay))
+        self.step += 1
+        return record
+
+    def validate(self) -> dict[str, float]:
+        """Validation loss (EMA weights, fixed Hessian columns) and physical error metrics."""
+        out: dict[str, float] = {}
+        total, parts = 0.0, 0
+        with self.ema.applied():
+            if self.val_phonon:
+                maes = []
+                for s, cols in zip(self.val_phonon, self.val_columns):
+                    for j in cols:
+                        v, terms = self.finetune_loss([s], [], [j], create_graph=False)
+                        total, parts = total + float(v), parts + 1
+                        maes.append(terms["hessian"])
+                out["val_hessian_mae"] = float(np.mean(maes))
+            if self.val_efs:
+                errs = []
+                for s in self.val_efs:
+                    v, _ = self.finetune_loss([], [s], [], create_graph=False)
+                    total, parts = total + float(v), parts + 1
+                    errs.append(self._force_mae(s))
+                out["val_forces_mae"] = float(np.mean(errs))
+        out["val_loss"] = total / max(parts, 1)
+        return out
+
+    def _force_mae(self, s: Sample) -> float:
+        if s.forces is None:
+            return float("nan")
+        graph = losses._graph(self.potential, [s], self.dtype)
+        f = potentials.energy_forces_stress(self.potential, graph, stress=False)["forces"].detach().double().numpy()
+        return float(np.abs(f - s.forces).mean())
+
+    # ------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output / "checkpoint.pt"
+
+    def save_checkpoint(self, path: Path | None = None) -> Path:
+        path = path or self.checkpoint_path
+        _atomic_save({
+            "step": self.step, "model": self.potential.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict(), "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "history": self.history, "best": self.best, "bad_evals": self.bad_evals,
+            "initial_validation": self.initial_validation, "config": self.config.to_dict(),
+        }, path)
+        return path
+
+    def load_checkpoint(self, path: Path | None = None) -> None:
+        state = torch.load(path or self.checkpoint_path, map_location="cpu", weights_only=False)
+        self.potential.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.history, self.best = state["step"], state["history"], state["best"]
+        self.bad_evals, self.initial_validation = state["bad_evals"], state["initial_validation"]
+
+    def _write_logs(self) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        with open(self.output / "log.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, LOG_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.history)
+        (self.output / "log.json").write_text(json.dumps(
+            {"config": self.config.to_dict(), "energy_shifts": self.energy_shifts, "history": self.history,
+             "best_step": self.best["step"], "best_val_loss": self.best["loss"]}, indent=1))
+
+    # ------------------------------------------------------------ the loop
+    def fit(self, resume: bool = False, save_model: bool = True) -> FinetuneResult:
+        """Train until ``run.steps`` or early stopping; the best EMA weights end in the model.
+
+        ``resume`` continues from ``<output>/checkpoint.pt`` when it exists.
+        """
+        from tqdm import tqdm
+
+        run = self.config.run
+        if resume and self.checkpoint_path.exists():
+            self.load_checkpoint()
+        if self.step == 0 and not self.initial_validation:
+            self.initial_validation = self.validate()
+            self._consider(self.initial_validation)
+        stopped = False
+        bar = tqdm(total=run.steps, initial=self.step, disable=not run.progress, desc="finetune", unit="step")
+        try:
+            while self.step < run.steps:
+                t0 = time.perf_counter()
+                record = {"step": self.step + 1, **self.train_step()}
+                if self.step % run.eval_every == 0 or self.step == run.steps:
+                    metrics = self.validate()
+                    record.update(metrics)
+                    stopped = self._consider(metrics)
+                record["seconds"] = time.perf_counter() - t0
+                self.history.append(record)
+                bar.update(1)
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "hessian", "forces", "replay", "val_loss")
+                                 if k in record})
+                if self.step % run.checkpoint_every == 0 or stopped or self.step == run.steps:
+                    self.save_checkpoint()
+                    self._write_logs()
+                if stopped:
+                    break
+        finally:
+            bar.close()
+        self._write_logs()
+        # the best EMA weights become the model
+        with torch.no_grad():
+            for k, p in self.named_trainable.items():
+                p.copy_(self.best["weights"][k])
+        model_path = self.export(self.output / "model.pt") if save_model else None
+        return FinetuneResult(model_path, self.best["step"], self.best["loss"], self.step, stopped,
+                              self.initial_validation, self.best["metrics"], self.energy_shifts, self.history)
+
+    def _consider(self, metrics: dict[str, float]) -> bool:
+        """Track the best validation loss; True when patience has run out."""
+        if metrics["val_loss"] < self.best["loss"]:
+            self.best = {"loss": metrics["val_loss"], "step": self.step, "weights": self.ema.weights(),
+                         "metrics": dict(metrics)}
+            self.bad_evals = 0
+            return False
+        self.bad_evals += 1
+        return 0 < self.config.run.patience <= self.bad_evals
+
+    def export(self, path: str | Path) -> Path:
+        """Merge adapters into the weights and save a file ``almd.Calculator(model=path)`` loads."""
+        adapters.merge(self.potential)
+        return potentials.save(self.potential.float(), path, finetune=self.config.to_dict(),
+                               best_step=self.best["step"], energy_shifts=self.energy_shifts)
+
+
+def _looks_phonon(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() or ".yaml" in p.name
