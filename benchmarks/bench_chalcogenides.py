@@ -76,6 +76,7 @@ def run_material(path: Path, calc, mesh: float, relax: bool = False) -> dict:
         "model": {"omega_max_thz": model.omega_max_thz, "omega_min_thz": model.omega_min_thz, **model.thermal_300K},
         "dft": {"omega_max_thz": dft.omega_max_thz, "omega_min_thz": dft.omega_min_thz, **dft.thermal_300K},
         "relaxed": relax,
+        "cutoff_margin_A": model.extra.get("cutoff_margin_A"),
         "volume_ratio_model_dft": model.extra["volume_per_atom"] / (ref.atoms.get_volume() / len(ref.atoms)),
         "seconds": {"load": t_load - t0, "model": t_end - t_load},
         # calls: one per displacement + the undisplaced supercell (residual forces)

@@ -143,6 +143,15 @@ def test_mdr_protocol_relaxes_before_displacing(sw, sw_result):
     assert r.extra["relaxed"] is True
 
 
+def test_cutoff_margin(sw):
+    from almd.phonons._calculators import cutoff_margin, model_cutoff
+
+    rc = model_cutoff(sw)
+    assert rc == pytest.approx(3.7712, abs=1e-3)  # SW: a·σ = 1.8 × 2.0951 Å
+    # diamond Si: second shell at a/√2 = 3.840 Å, just outside the cutoff
+    assert cutoff_margin(bulk("Si", "diamond", a=A_SW), rc) == pytest.approx(A_SW / np.sqrt(2) - rc, abs=1e-6)
+
+
 def test_compare_with_itself_is_zero_and_json(sw_result, tmp_path):
     c = P.compare(sw_result, sw_result)
     for key in ("omega_max_K_abs_error", "F_kJ_mol_abs_error", "S_J_K_mol_abs_error",

@@ -145,3 +145,26 @@ def fc_to_hessian(fc: np.ndarray) -> np.ndarray:
     """phonopy full force constants (N, N, 3, 3) → (3N, 3N) Hessian (methods.md convention)."""
     n = fc.shape[0]
     return fc.swapaxes(1, 2).reshape(3 * n, 3 * n).copy()
+
+
+def model_cutoff(calc: AseCalculator) -> float | None:
+    """The interaction cutoff (Å) of an almd or sevenn model, if it says."""
+    for owner in (getattr(calc, "potential", None), calc):
+        value = getattr(owner, "cutoff", None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def cutoff_margin(atoms: Atoms, cutoff: float) -> float:
+    """Smallest |d − cutoff| over interatomic distances d (Å).
+
+    A neighbour shell within a displacement amplitude of the cutoff makes finite
+    displacements cross it: the force constants then pick up the cutoff
+    envelope's kink (seen with SevenNet-0 on BaTe relaxed to a/√2 = 5.002 Å,
+    5.0 Å cutoff: imaginary X modes by finite differences, none by its Hessian).
+    """
+    from ase.neighborlist import neighbor_list
+
+    d = neighbor_list("d", atoms, cutoff + 0.5)
+    return float(np.min(np.abs(d - cutoff))) if len(d) else float("inf")

@@ -18,7 +18,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator as AseCalculator
 from phonopy import Phonopy
 
-from almd.phonons._calculators import calculator_label, resolve_calculator
+from almd.phonons._calculators import calculator_label, cutoff_margin, model_cutoff, resolve_calculator
 from almd.phonons.harmonic import (
     DEFAULT_TEMPERATURES,
     THZ_TO_K,
@@ -152,6 +152,9 @@ def phonons_vs_reference(
     model.extra["relaxed"] = relax
     model.extra["method"] = method
     model.extra["volume_per_atom"] = float(np.linalg.det(ph.unitcell.cell)) / len(ph.unitcell)
+    rc = model_cutoff(calc)
+    if rc is not None:
+        model.extra["cutoff_margin_A"] = cutoff_margin(to_ase_atoms(ph.unitcell), rc)
     return model, ref_result, compare(model, ref_result)
 
 
