@@ -1,0 +1,151 @@
+"""The PFT trainer: exact gradients of the Hessian-column loss, learning, exact resume, input errors."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from almd import potentials
+from almd.finetune import ConfigError, DataError, FinetuneConfig, Finetuner, Sample
+from almd.finetune import losses
+from almd.potentials import build_graph, hessian
+
+
+@pytest.fixture(scope="module")
+def base():
+    return potentials.load("sevennet-0").double().eval()
+
+
+@pytest.fixture(scope="module")
+def si2_target(base):
+    """Perfect 2-atom Si with a synthetic but physical label: the model's own Hessian × 1.1."""
+    atoms = bulk("Si", "diamond", a=5.43)
+    h = hessian(base, build_graph(atoms, base.cutoff, torch.float64)).numpy()
+    atoms.info["hessian"] = 1.1 * h
+    return atoms
+
+
+def config(tmp_path, **sections) -> FinetuneConfig:
+    raw = {"model": {"dtype": "float64"},
+           "run": {"steps": 4, "eval_every": 2, "checkpoint_every": 2, "output": str(tmp_path / "out"),
+                   "progress": False, "patience": 0}}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return FinetuneConfig.from_dict(raw)
+
+
+def test_hessian_column_loss_gradient_matches_finite_differences(base):
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.03, seed=4)
+    pot = copy.deepcopy(base)
+    h = hessian(pot, build_graph(atoms, pot.cutoff, torch.float64)).detach().numpy()
+    rng = np.random.default_rng(0)
+    sample = Sample(atoms, hessian=h + rng.normal(0, 0.5, h.shape))  # so the MAE has no kinks at zero
+    name = "model.2_self_interaction_2.linear.weight"
+    param = dict(pot.named_parameters())[name]
+    loss = losses.hessian_term(pot, [sample], [4], torch.float64)
+    (grad,) = torch.autograd.grad(loss, param)  # third-order autograd
+    k = int(grad.abs().argmax())
+    step = 1e-5
+    values = []
+    with torch.no_grad():
+        w0 = float(param.view(-1)[k])
+    for sign in (1, -1):
+        with torch.no_grad():
+            param.view(-1)[k] = w0 + sign * step
+        values.append(float(losses.hessian_term(pot, [sample], [4], torch.float64, create_graph=False)))
+    with torch.no_grad():
+        param.view(-1)[k] = w0
+    fd = (values[0] - values[1]) / (2 * step)
+    assert abs(float(grad.view(-1)[k])) > 1e-3
+    assert float(grad.view(-1)[k]) == pytest.approx(fd, rel=1e-5)
+
+
+def hessian_mae(pot, atoms) -> float:
+    h = hessian(pot, build_graph(atoms, pot.cutoff, pot.dtype)).detach().numpy()
+    return float(np.abs(h - atoms.info["hessian"]).mean())
+
+
+def test_pft_steps_reduce_hessian_error_and_export(base, si2_target, tmp_path):
+    cfg = config(tmp_path, run={"steps": 6}, optim={"lr": 1e-3})
+    before = hessian_mae(base, si2_target)
+    trainer = Finetuner(cfg, potential=copy.deepcopy(base), phonon=[si2_target])
+    result = trainer.fit(save_model=False)
+    assert result.best_step > 0
+    after = hessian_mae(trainer.potential, si2_target)
+    assert after < 0.7 * before
+    assert (tmp_path / "out" / "log.csv").read_text().count("\n") == 7  # header + 6 steps
+    # export: merged weights in a file almd.Calculator loads (LoRA run on a freshly built model)
+    lora = Finetuner(config(tmp_path, model={"strategy": "lora", "dtype": "float32"}, run={"steps": 1}),
+                     potential=type(base).from_export(base.export()), phonon=[si2_target])
+    out = lora.fit()
+    import almd
+
+    atoms = si2_target.copy()
+    atoms.calc = almd.Calculator(model=out.model_path)
+    assert np.isfinite(atoms.get_potential_energy())
+
+
+def test_resume_continues_bit_for_bit(base, si2_target, tmp_path):
+    d = bulk("Si", "diamond", a=5.43)
+    d.rattle(0.05, seed=2)
+    d.calc = SinglePointCalculator(d, forces=np.full((2, 3), 0.1) * [1, -1, 0.5], energy=-10.0)
+    opts = dict(data={"replay": "self", "replay_count": 2, "validation_fraction": 0.0},
+                loss={"replay_ratio": 1}, model={"dtype": "float32"})
+
+    def trainer(out, steps):
+        cfg = config(tmp_path / out, run={"steps": steps}, **opts)
+        return Finetuner(cfg, potential=copy.deepcopy(base), phonon=[si2_target], efs=[d])
+
+    full = trainer("a", 4).fit(save_model=False)
+    trainer("b", 2).fit(save_model=False)
+    resumed = trainer("b", 4).fit(resume=True, save_model=False)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    assert [h.get("replay") for h in resumed.history] == [h.get("replay") for h in full.history]
+    assert resumed.best_val_loss == full.best_val_loss
+
+
+def test_config_errors(tmp_path):
+    path = tmp_path / "ft.toml"
+    path.write_text('[loss]\nhessain = 100\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'loss.hessain'.*allowed in \[loss\]:.*hessian"):
+        FinetuneConfig.from_toml(path)
+    with pytest.raises(ConfigError, match=r"unknown section \[trainer\]; allowed: model, data"):
+        FinetuneConfig.from_dict({"trainer": {}})
+    with pytest.raises(ConfigError, match="model.strategy = 'qlora'.*full, lora, delta"):
+        FinetuneConfig.from_dict({"model": {"strategy": "qlora"}})
+    with pytest.raises(ConfigError, match="optim.lr = 'fast': expected float"):
+        FinetuneConfig.from_dict({"optim": {"lr": "fast"}})
+    path.write_text('[model]\nstrategy = "lora"\n[run]\nsteps = 3\n')
+    cfg = FinetuneConfig.from_toml(path)
+    assert cfg.model.strategy == "lora" and cfg.run.steps == 3 and cfg.loss.hessian == 100.0
+    assert cfg.energy_weight == 20.0  # PFT: λ_E 20 without co-training, 0 with it
+    assert FinetuneConfig.from_dict({"data": {"replay": "self"}}).energy_weight == 0.0
+
+
+def test_bad_input_is_rejected_before_training(base, si2_target, tmp_path):
+    cfg = config(tmp_path)
+    pot = copy.deepcopy(base)
+    polonium = bulk("Po", "sc", a=3.35)
+    polonium.calc = SinglePointCalculator(polonium, forces=np.zeros((1, 3)))
+    with pytest.raises(DataError, match="does not know element.*Po"):
+        Finetuner(cfg, potential=pot, phonon=[si2_target], efs=[polonium])
+    wrong = si2_target.copy()
+    wrong.info["hessian"] = np.eye(3)
+    with pytest.raises(DataError, match="phonon supercell does not match its structure"):
+        Finetuner(cfg, potential=pot, phonon=[wrong])
+    nan = bulk("Si", "diamond", a=5.43)
+    nan.calc = SinglePointCalculator(nan, forces=np.full((2, 3), np.nan))
+    with pytest.raises(DataError, match="forces label contains NaN"):
+        Finetuner(cfg, potential=pot, phonon=[si2_target], efs=[nan])
+    ok = bulk("Si", "diamond", a=5.43)
+    ok.calc = SinglePointCalculator(ok, forces=np.zeros((2, 3)))
+    with pytest.raises(DataError, match="validation split is empty"):
+        Finetuner(config(tmp_path, data={"validation_fraction": 0.0}), potential=pot, efs=[ok])
+    with pytest.raises(DataError, match="no training data"):
+        Finetuner(cfg, potential=pot)
