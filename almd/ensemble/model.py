@@ -1,0 +1,314 @@
+"""K members on one frozen backbone: shared trunk, K linear readout heads.
+
+Member k gives per-atom energies E_ki = W_k[z_i]·h_i + b_k[z_i] on the shared
+trunk features h (see :mod:`almd.ensemble.readout`). One trunk forward serves
+all members; each member's forces need one backward through the trunk (the
+cotangent on h is W_k[z_i]), so K members cost 1 forward + K backwards, and
+the member *mean* alone costs 1 forward + 1 backward (forces are linear in W).
+
+Training is exact least squares: member k's head is the pretrained readout
+plus a correction in an r-dimensional feature subspace D (the pretrained
+readout direction and the top principal components of the training
+features), fitted by ridge regression on a bootstrap resample of the labelled
+frames with a random prior centre (seeded). Design rows need one trunk
+backward per subspace direction per frame (r ≈ 16: a couple of seconds for
+an 8-atom cell), then every member and every refit is a small linear solve.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from almd import potentials
+from almd.ensemble.calibration import Calibration
+from almd.ensemble.readout import SevenNetReadout
+from almd.potentials import Graph, Potential, build_graph
+
+FORMAT = "almd-ensemble-1"
+SCORES = ("max", "mean", "rms")
+
+
+@dataclass
+class _Design:
+    """Least-squares rows of one labelled frame, relative to the pretrained readout."""
+
+    force_x: np.ndarray  # (3n, P) d(force)/d(parameters)
+    force_y: np.ndarray  # (3n,) reference force minus pretrained-readout force
+    energy_x: np.ndarray  # (P,)
+    energy_y: float
+    n_atoms: int
+
+
+def per_atom_spread(member_forces: np.ndarray) -> np.ndarray:
+    """(N,) force spread per atom: RMS over x, y, z of the std over members (eV/Å).
+
+    Per component, so that a calibrated value is the expected size of one
+    force-component error.
+    """
+    return np.sqrt(member_forces.var(axis=0).mean(axis=-1))
+
+
+def frame_score(spread: np.ndarray, reduce: str = "max") -> float:
+    if reduce == "max":
+        return float(spread.max())
+    if reduce == "mean":
+        return float(spread.mean())
+    if reduce == "rms":
+        return float(np.sqrt((spread**2).mean()))
+    raise ValueError(f"score reduction {reduce!r} is not one of: {', '.join(SCORES)}")
+
+
+class Ensemble(Potential):
+    """K readout heads on one frozen backbone (SevenNet-0 by default).
+
+    As a :class:`~almd.potentials.Potential` it is the member mean, so
+    ``almd.Calculator(model=ensemble)`` and the autodiff module (Hessians,
+    HVPs) work on it unchanged; :meth:`evaluate` gives every member.
+    """
+
+    backbone_name = "ensemble"
+
+    def __init__(self, backbone: str | os.PathLike | Potential = "sevennet-0", k: int = 4, seed: int = 0,
+                 rank: int = 16, score: str = "max", calibration: Calibration | None = None):
+        super().__init__()
+        if k < 2:
+            raise ValueError(f"an ensemble needs k >= 2 members, got {k}")
+        if score not in SCORES:
+            raise ValueError(f"score {score!r} is not one of: {', '.join(SCORES)}")
+        self.backbone = potentials.load(backbone)
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)  # frozen: members differ only in their heads
+        self.readout = SevenNetReadout(self.backbone)
+        self.cutoff, self.species = self.backbone.cutoff, self.backbone.species
+        self.k, self.seed, self.rank, self.score = k, seed, rank, score
+        w0, b0 = self.readout.pretrained_head()
+        self.register_buffer("w0", w0)
+        self.register_buffer("b0", b0)
+        # all members start as the pretrained readout (identical until fitted)
+        self.register_buffer("weights", w0.expand(k, -1, -1).clone())  # (K, S, F)
+        self.register_buffer("shifts", b0.expand(k, -1).clone())  # (K, S)
+        self.register_buffer("directions", torch.zeros(w0.shape[1], 0, dtype=w0.dtype))  # (F, r)
+        self.fit_species: list[int] = []  # species indices with fitted heads
+        self.designs: list[_Design] = []
+        self.calibration = calibration or Calibration()
+        self.version = 0  # bumped by every fit, for provenance
+
+    # ---------------------------------------------------------------- prediction
+    def atomic_energies(self, graph: Graph, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> torch.Tensor:
+        h = self.readout.features(graph)
+        types = self.readout.species_index(graph.numbers)
+        return (h * self.weights.mean(0)[types]).sum(-1) + self.shifts.mean(0)[types]
+
+    def forward_with_atomic(self, graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
+        atomic = self.atomic_energies(graph, graph.edge_index, None)  # edges cut in the trunk
+        energy = torch.zeros(graph.n_structures, dtype=atomic.dtype, device=atomic.device)
+        return energy.index_add(0, graph.batch, atomic), atomic
+
+    def evaluate(self, graph: Graph, members: bool = True, stress: bool = False) -> dict[str, torch.Tensor]:
+        """Energies, forces (and stress) of every member, or of the mean only.
+
+        ``members=True``: ``energy`` (K, b), ``forces`` (K, n, 3), ``stress``
+        (K, b, 3, 3) — one trunk forward and K backwards. ``members=False``:
+        the mean only, (b,), (n, 3), (b, 3, 3) — one forward, one backward.
+        """
+        stress = stress and bool(graph.pbc.all())
+        graph.requires_grad_(positions=True, strain=stress)
+        h = self.readout.features(graph)
+        types = self.readout.species_index(graph.numbers)
+        weights = self.weights[:, types]  # (K, n, F): dE_k/dh
+        atomic = torch.einsum("nf,knf->kn", h.detach(), weights) + self.shifts[:, types]
+        energy = torch.zeros(self.k, graph.n_structures, dtype=h.dtype, device=h.device)
+        energy = energy.index_add(1, graph.batch, atomic)
+        inputs = [graph.positions] + ([graph.strain] if stress else [])
+        cotangents = weights if members else weights.mean(0, keepdim=True)
+        # a loop of backwards: measured no slower than one is_grads_batched call (see benchmark)
+        grads = [torch.autograd.grad(h, inputs, c, retain_graph=i < len(cotangents) - 1)
+                 for i, c in enumerate(cotangents)]
+        out = {"energy": energy if members else energy.mean(0),
+               "forces": -torch.stack([g[0] for g in grads])}
+        if stress:
+            out["stress"] = torch.stack([g[1] for g in grads]) / graph.volumes()[:, None, None]
+        if not members:
+            out = {key: (v[0] if key != "energy" else v) for key, v in out.items()}
+        return out
+
+    def graph(self, atoms: Atoms) -> Graph:
+        return build_graph(atoms, self.cutoff, self.dtype, self.w0.device)
+
+    def predict(self, atoms: Atoms) -> dict[str, np.ndarray | float]:
+        """Atoms in, numbers out: member and mean forces, raw and calibrated spreads, scores."""
+        out = self.evaluate(self.graph(atoms), members=True)
+        member_forces = out["forces"].detach().double().cpu().numpy()
+        spread = per_atom_spread(member_forces)
+        raw = frame_score(spread, self.score)
+        return {"energy": float(out["energy"].detach().mean()), "member_energies": out["energy"][:, 0].detach().double().cpu().numpy(),
+                "forces": member_forces.mean(0), "member_forces": member_forces,
+                "forces_std_raw": spread, "forces_std": self.calibration.sigma(spread),
+                "uncertainty_raw": raw, "uncertainty": self.calibration.score(raw)}
+
+    # ---------------------------------------------------------------- training
+    def _species_of(self, frames: list[Atoms]) -> list[int]:
+        zs = sorted({int(z) for a in frames for z in a.numbers})
+        return [int(self.readout.species_index(torch.tensor([z]))) for z in zs]
+
+    def _init_directions(self, frames: list[Atoms]) -> None:
+        """Subspace of head corrections: the pretrained readout direction + top PCs of the features."""
+        with torch.no_grad():
+            h = torch.cat([self.readout.features(self.graph(a)) for a in frames]).double()
+        w = self.w0[self.fit_species].double().mean(0)
+        basis = [w / w.norm()]
+        centred = h - h.mean(0)
+        _, _, vt = torch.linalg.svd(centred, full_matrices=False)
+        basis += list(vt[: self.rank])
+        q, _ = torch.linalg.qr(torch.stack(basis, 1))
+        self.directions = q[:, : self.rank].to(self.w0.dtype)
+
+    def _design(self, atoms: Atoms) -> _Design:
+        """Rows for one labelled frame: r·S trunk backwards (one per direction and species)."""
+        f_ref = np.asarray(atoms.get_forces(), float).reshape(-1)
+        e_ref = float(atoms.get_potential_energy())
+        graph = self.graph(atoms)
+        graph.requires_grad_(positions=True, strain=False)
+        h = self.readout.features(graph)
+        types = self.readout.species_index(graph.numbers)
+        base = (h.detach() * self.w0[types]).sum(-1) + self.b0[types]
+        (g0,) = torch.autograd.grad(h, graph.positions, self.w0[types], retain_graph=True)
+        columns, e_cols = [], []
+        for s in self.fit_species:
+            mask = (types == s).to(h.dtype)[:, None]
+            for d in self.directions.T:
+                (g,) = torch.autograd.grad(h, graph.positions, mask * d, retain_graph=True)
+                columns.append(-g.reshape(-1))
+                e_cols.append(float((h.detach() * mask * d).sum()))
+        n_s = [float((types == s).sum()) for s in self.fit_species]
+        force_x = torch.stack(columns, 1).double().numpy()
+        force_x = np.hstack([force_x, np.zeros((force_x.shape[0], len(n_s)))])  # shifts give no force
+        return _Design(force_x=force_x, force_y=f_ref + g0.reshape(-1).double().numpy(),
+                       energy_x=np.array(e_cols + n_s), energy_y=e_ref - float(base.sum()), n_atoms=len(atoms))
+
+    def fit(self, frames: Iterable[Atoms], append: bool = True, ridge: float = 1e-3, energy_weight: float = 1.0,
+            prior_scale: float = 0.0, bootstrap: bool = True) -> dict[str, float]:
+        """Fit every member's head on labelled frames (energies and forces).
+
+        ``frames``: Atoms with reference results (e.g. ``LabelDatabase.training_set()``
+        or SinglePointCalculator results). ``append`` keeps earlier frames' rows
+        (refit as labels arrive). ``ridge``: penalty on head corrections,
+        relative to the mean diagonal of the force normal matrix. Member k sees
+        a bootstrap resample of the frames (seed + k) and, if ``prior_scale`` > 0,
+        a random prior centre of that relative size. Returns training RMSEs.
+        """
+        frames = list(frames)
+        if not append:
+            self.designs = []
+        if not self.designs:
+            if not frames:
+                raise ValueError("fit() needs at least one labelled frame")
+            self.fit_species = self._species_of(frames)
+            self._init_directions(frames)
+        elif set(self._species_of(frames)) - set(self.fit_species):
+            raise ValueError("new species in appended frames; refit with append=False")
+        self.designs += [self._design(a) for a in frames]
+        r, S = self.directions.shape[1], len(self.fit_species)
+        n_par = r * S + S
+        # rows: forces, and energies per atom (weighted) so both are in eV/Å-ish units
+        blocks = []
+        for d in self.designs:
+            x = np.vstack([d.force_x, energy_weight * d.energy_x[None] / d.n_atoms])
+            y = np.concatenate([d.force_y, [energy_weight * d.energy_y / d.n_atoms]])
+            blocks.append((x.T @ x, x.T @ y))
+        gram_all = sum(b[0] for b in blocks)
+        lam = ridge * float(np.trace(gram_all[: r * S, : r * S])) / (r * S) / len(self.designs)
+        penalty = np.diag([lam] * (r * S) + [1e-10 * lam] * S)  # shifts almost free
+        weights = self.w0.expand(self.k, -1, -1).clone().double()
+        shifts = self.b0.expand(self.k, -1).clone().double()
+        rng = np.random.default_rng(self.seed)
+        D = self.directions.double()
+        for k in range(self.k):
+            counts = rng.multinomial(len(blocks), [1 / len(blocks)] * len(blocks)) if bootstrap else np.ones(len(blocks))
+            gram = sum(c * b[0] for c, b in zip(counts, blocks)) + penalty * counts.sum()
+            rhs = sum(c * b[1] for c, b in zip(counts, blocks))
+            centre = np.zeros(n_par)
+            if prior_scale > 0:
+                centre[: r * S] = prior_scale * rng.standard_normal(r * S) / np.sqrt(lam)
+            theta = np.linalg.solve(gram, rhs + penalty @ centre * counts.sum())
+            coef = torch.as_tensor(theta[: r * S].reshape(S, r))
+            for j, s in enumerate(self.fit_species):
+                weights[k, s] += D @ coef[j]
+                shifts[k, s] += theta[r * S + j]
+        self.weights = weights.to(self.w0.dtype)
+        self.shifts = shifts.to(self.w0.dtype)
+        self.version += 1
+        return self._training_rmse()
+
+    def _training_rmse(self) -> dict[str, float]:
+        r, S = self.directions.shape[1], len(self.fit_species)
+        D = self.directions.double()
+        thetas = []
+        for k in range(self.k):
+            w = torch.stack([(self.weights[k, s].double() - self.w0[s].double()) @ D for s in self.fit_species])
+            b = [float(self.shifts[k, s] - self.b0[s]) for s in self.fit_species]
+            thetas.append(np.concatenate([w.reshape(-1).numpy(), b]))
+        theta = np.mean(thetas, 0)
+        res = np.concatenate([d.force_x @ theta - d.force_y for d in self.designs])
+        return {"force_rmse": float(np.sqrt(np.mean(res**2))), "frames": len(self.designs), "rank": r * S}
+
+    # ---------------------------------------------------------------- calibration
+    def calibrate(self, frames: Iterable[Atoms], reset: bool = False) -> dict[str, float]:
+        """Update the calibration with labelled frames the heads were not fitted on."""
+        if reset:
+            self.calibration.reset()
+        for atoms in frames:
+            pred = self.predict(atoms)
+            errors = np.asarray(atoms.get_forces(), float) - pred["forces"]
+            self.calibration.update(errors, pred["forces_std_raw"][:, None], pred["uncertainty_raw"])
+        return {"scale": self.calibration.scale, "components": self.calibration.n_components}
+
+    # ---------------------------------------------------------------- files
+    def export(self) -> dict:
+        return {"format": FORMAT, "backbone": self.backbone.export(),
+                "settings": {"k": self.k, "seed": self.seed, "rank": self.rank, "score": self.score},
+                "weights": self.weights.cpu(), "shifts": self.shifts.cpu(), "directions": self.directions.cpu(),
+                "fit_species": self.fit_species, "designs": [vars(d) for d in self.designs],
+                "calibration": self.calibration.state_dict(), "version": self.version}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Atomic write (temp file, fsync, rename) of everything needed to rebuild and refit."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(self.export(), fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Ensemble":
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
+            raise ValueError(f"{path}: not an almd ensemble file ({FORMAT})")
+        backbone = payload["backbone"]
+        classes = potentials._backbones()
+        if backbone["backbone"] not in classes:
+            raise ValueError(f"{path}: unknown backbone {backbone['backbone']!r}")
+        ens = cls(classes[backbone["backbone"]].from_export(backbone), **payload["settings"],
+                  calibration=Calibration.from_state_dict(payload["calibration"]))
+        ens.weights, ens.shifts = payload["weights"], payload["shifts"]
+        ens.directions = payload["directions"]
+        ens.fit_species = list(payload["fit_species"])
+        ens.designs = [_Design(**d) for d in payload["designs"]]
+        ens.version = payload["version"]
+        return ens
