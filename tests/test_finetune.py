@@ -110,7 +110,7 @@ def test_resume_continues_bit_for_bit(base, si2_target, tmp_path):
     assert resumed.best_val_loss == full.best_val_loss
 
 
-def test_config_errors(tmp_path):
+def test_config_errors(tmp_path, capsys):
     path = tmp_path / "ft.toml"
     path.write_text('[loss]\nhessain = 100\n')
     with pytest.raises(ConfigError, match=r"unknown key 'loss.hessain'.*allowed in \[loss\]:.*hessian"):
@@ -126,6 +126,12 @@ def test_config_errors(tmp_path):
     assert cfg.model.strategy == "lora" and cfg.run.steps == 3 and cfg.loss.hessian == 100.0
     assert cfg.energy_weight == 20.0  # PFT: λ_E 20 without co-training, 0 with it
     assert FinetuneConfig.from_dict({"data": {"replay": "self"}}).energy_weight == 0.0
+    # the command line reports config errors without a traceback
+    from almd.finetune import main
+
+    path.write_text('[run]\nsteps = "many"\n')
+    assert main([str(path)]) == 2
+    assert "run.steps = 'many'" in capsys.readouterr().out
 
 
 def test_bad_input_is_rejected_before_training(base, si2_target, tmp_path):
