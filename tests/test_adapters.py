@@ -127,3 +127,24 @@ def test_freeze_groups_and_scratch(base):
     w0 = base.model._modules["0_self_interaction_1"].linear.weight
     w1 = scratch.model._modules["0_self_interaction_1"].linear.weight
     assert not torch.allclose(w0, w1)
+
+
+def test_lora_on_mace_keeps_equivariance():
+    pytest.importorskip("mace")
+    from almd.potentials.mace import small_random_mace
+
+    pot = small_random_mace([14, 6], cutoff=4.5, seed=1).double()
+    atoms = bulk("SiC", "zincblende", a=4.36)
+    atoms.rattle(0.04, seed=8)
+    e0, _, _ = efs(pot, atoms)
+    adapters.add_lora(pot, rank=2)
+    assert efs(pot, atoms)[0] == e0
+    randomize_b(pot, scale=0.1)
+    energy, forces, _ = efs(pot, atoms)
+    assert abs(energy - e0) > 1e-3
+    rotated = atoms.copy()
+    rotated.rotate(40.0, (1, 0.3, 2), rotate_cell=True)
+    rot = rotated.cell.array.T @ np.linalg.inv(atoms.cell.array.T)
+    e_r, f_r, _ = efs(pot, rotated)
+    assert e_r == pytest.approx(energy, abs=1e-9)
+    np.testing.assert_allclose(f_r, forces @ rot.T, atol=1e-9)
