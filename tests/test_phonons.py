@@ -10,25 +10,14 @@ import pytest
 from ase.build import bulk
 
 from almd import phonons as P
+from almd.data import SI_PBE as _packaged_si_pbe
 
 ROOT = Path(__file__).resolve().parents[1]
 R_GAS = 8.314462618  # J/K/mol
 A_SW = 5.431  # Å, Stillinger–Weber's Si equilibrium lattice constant
 
 
-def _si_pbe_dir() -> Path | None:
-    # The copy in tests/data or the one shipped in almd.data; CI also has ../shared beside the clone.
-    try:
-        from almd.data import SI_PBE as packaged
-    except ImportError:
-        packaged = ROOT / "almd" / "data" / "si-pbe"
-    for folder in (ROOT / "tests" / "data" / "si-pbe", packaged, ROOT.parent / "shared" / "data" / "dft" / "si-pbe"):
-        if (folder / "phono3py_disp.yaml").exists() and (folder / "FORCES_FC3").exists():
-            return folder
-    return None
-
-
-SI_PBE = _si_pbe_dir()
+SI_PBE = _packaged_si_pbe  # shipped with almd (BSD-3, phono3py's example)
 needs_si_pbe = pytest.mark.skipif(SI_PBE is None, reason="si-pbe DFT data not found")
 
 
