@@ -125,6 +125,21 @@ def test_calibration_recovers_known_scale():
         Calibration(method="magic")
 
 
+def test_refit_and_calibration_from_a_label_database(fitted, tmp_path):
+    from almd.dataset import LabelDatabase
+
+    ens, frames, _ = fitted
+    assert ens.fit(frames)["frames"] == 3  # the same labels again: nothing counted twice
+    db = LabelDatabase(tmp_path / "labels.db", validation_fraction=1.0)  # all four held out
+    for seed in range(4):
+        labelled = sw_labelled(si8(0.1, seed=40 + seed))
+        db.add(labelled, energy=labelled.get_potential_energy(), forces=labelled.get_forces())
+    n_val = len(db.validation_set())
+    ens.calibrate(db)
+    ens.calibrate(db)  # idempotent
+    assert ens.calibration.n_components == 3 * 8 * n_val
+
+
 def test_save_load_round_trip(fitted, tmp_path):
     ens, frames, _ = fitted
     ens.calibrate([sw_labelled(si8(0.1, seed=31))])

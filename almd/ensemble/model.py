@@ -45,6 +45,22 @@ class _Design:
     energy_x: np.ndarray  # (P,)
     energy_y: float
     n_atoms: int
+    key: str = ""  # which labelled frame (so a refit never counts a frame twice)
+
+
+def _frame_key(atoms: Atoms) -> str:
+    from almd.dataset import structure_hash
+
+    if "content_hash" in atoms.info:  # from a LabelDatabase: structure + reference settings
+        return str(atoms.info["content_hash"])
+    return f"{structure_hash(atoms)}:{float(atoms.get_potential_energy()):.10g}"
+
+
+def _labelled(frames, which: str) -> list[Atoms]:
+    """A LabelDatabase (its ``training_set``/``validation_set``) or any iterable of labelled Atoms."""
+    if hasattr(frames, which):
+        return getattr(frames, which)()
+    return list(frames)
 
 
 def per_atom_spread(member_forces: np.ndarray) -> np.ndarray:
@@ -100,6 +116,7 @@ class Ensemble(Potential):
         self.designs: list[_Design] = []
         self.calibration = calibration or Calibration()
         self.version = 0  # bumped by every fit, for provenance
+        self.calibrated_keys: set[str] = set()
 
     # ---------------------------------------------------------------- prediction
     def atomic_energies(self, graph: Graph, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> torch.Tensor:
@@ -192,7 +209,8 @@ class Ensemble(Potential):
         force_x = torch.stack(columns, 1).double().numpy()
         force_x = np.hstack([force_x, np.zeros((force_x.shape[0], len(n_s)))])  # shifts give no force
         return _Design(force_x=force_x, force_y=f_ref + g0.reshape(-1).double().numpy(),
-                       energy_x=np.array(e_cols + n_s), energy_y=e_ref - float(base.sum()), n_atoms=len(atoms))
+                       energy_x=np.array(e_cols + n_s), energy_y=e_ref - float(base.sum()), n_atoms=len(atoms),
+                       key=_frame_key(atoms))
 
     def fit(self, frames: Iterable[Atoms], append: bool = True, ridge: float = 1e-3, energy_weight: float = 1.0,
             prior_scale: float = 0.0, bootstrap: bool = True) -> dict[str, float]:
@@ -202,12 +220,14 @@ class Ensemble(Potential):
         or SinglePointCalculator results). ``append`` keeps earlier frames' rows
         (refit as labels arrive). ``ridge``: penalty on head corrections,
         relative to the mean diagonal of the force normal matrix. Member k sees
-        a bootstrap resample of the frames (seed + k) and, if ``prior_scale`` > 0,
+        a bootstrap resample of the frames (seeded by ``seed``) and, if ``prior_scale`` > 0,
         a random prior centre of that relative size. Returns training RMSEs.
         """
-        frames = list(frames)
+        frames = _labelled(frames, "training_set")
         if not append:
             self.designs = []
+        seen = {d.key for d in self.designs}
+        frames = [a for a in frames if _frame_key(a) not in seen]
         if not self.designs:
             if not frames:
                 raise ValueError("fit() needs at least one labelled frame")
@@ -262,10 +282,21 @@ class Ensemble(Potential):
 
     # ---------------------------------------------------------------- calibration
     def calibrate(self, frames: Iterable[Atoms], reset: bool = False) -> dict[str, float]:
-        """Update the calibration with labelled frames the heads were not fitted on."""
+        """Update the calibration with labelled frames the heads were not fitted on.
+
+        ``frames``: Atoms with reference forces, or a LabelDatabase (its
+        validation split). Frames already used, for fitting or calibration, are skipped.
+        """
         if reset:
             self.calibration.reset()
-        for atoms in frames:
+            self.calibrated_keys = set()
+        used = self.calibrated_keys | {d.key for d in self.designs}
+        for atoms in _labelled(frames, "validation_set"):
+            key = _frame_key(atoms)
+            if key in used:
+                continue
+            used.add(key)
+            self.calibrated_keys.add(key)
             pred = self.predict(atoms)
             errors = np.asarray(atoms.get_forces(), float) - pred["forces"]
             self.calibration.update(errors, pred["forces_std_raw"][:, None], pred["uncertainty_raw"])
@@ -277,7 +308,8 @@ class Ensemble(Potential):
                 "settings": {"k": self.k, "seed": self.seed, "rank": self.rank, "score": self.score},
                 "weights": self.weights.cpu(), "shifts": self.shifts.cpu(), "directions": self.directions.cpu(),
                 "fit_species": self.fit_species, "designs": [vars(d) for d in self.designs],
-                "calibration": self.calibration.state_dict(), "version": self.version}
+                "calibration": self.calibration.state_dict(), "version": self.version,
+                "calibrated_keys": sorted(self.calibrated_keys)}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic write (temp file, fsync, rename) of everything needed to rebuild and refit."""
@@ -311,4 +343,5 @@ class Ensemble(Potential):
         ens.fit_species = list(payload["fit_species"])
         ens.designs = [_Design(**d) for d in payload["designs"]]
         ens.version = payload["version"]
+        ens.calibrated_keys = set(payload["calibrated_keys"])
         return ens
