@@ -16,6 +16,7 @@ import almd
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("almd.demo", "silicon phonons: SevenNet-0 through almd.Calculator vs VASP PBE (no input files)"),
     "phonons": ("almd.phonons", "phonons, thermal properties and kappa for any calculator"),
+    "finetune": ("almd.finetune", "phonon-supervised, parameter-efficient fine-tuning from a TOML config"),
 }
 
 
