@@ -62,6 +62,10 @@ def load(model: str | os.PathLike | Potential = "sevennet-0") -> Potential:
         from almd.potentials.mace import Mace
 
         return Mace(payload)
+    if isinstance(payload, dict) and payload.get("format") == "almd-ensemble-1":
+        from almd.ensemble import Ensemble
+
+        return Ensemble.load(name)
     raise ValueError(f"{name}: not an almd, sevenn or MACE model file")
 
 
