@@ -87,7 +87,8 @@ class SevenNet(Potential):
         return out[KEY.ATOMIC_ENERGY].squeeze(-1)
 
     def export(self) -> dict:
-        sd = {k: v for k, v in self.model.state_dict().items()}
+        # deep-copied sevenn models carry fx-codegen constants that a fresh build lacks
+        sd = {k: v for k, v in self.model.state_dict().items() if "._tensor_constant" not in k}
         return {"backbone": self.backbone_name, "config": self.config, "state_dict": sd}
 
     @classmethod
