@@ -114,11 +114,11 @@ class Calculator(AseCalculator):
         self.potential.check_species(atoms.numbers)
         return build_graph(atoms, self.potential.cutoff, self.dtype, self.device)
 
-    def get_hessian(self, atoms: Atoms | None = None, chunk: int = 16) -> np.ndarray:
+    def get_hessian(self, atoms: Atoms | None = None, chunk: int = 1) -> np.ndarray:
         """(3N, 3N) Hessian ∂²E/∂x∂x in eV/Å², atom-major (x, y, z), no mass weighting."""
         return potentials.hessian(self.potential, self._graph(atoms), chunk=chunk).cpu().double().numpy()
 
-    def get_hessian_vector_products(self, atoms: Atoms | None, vectors: np.ndarray, chunk: int = 16) -> np.ndarray:
+    def get_hessian_vector_products(self, atoms: Atoms | None, vectors: np.ndarray, chunk: int = 1) -> np.ndarray:
         """H·u for displacement fields ``vectors`` (k, N, 3) in Å → (k, N, 3) in eV/Å.
 
         The exact harmonic force change of a displacement u is -H·u: phonopy's
