@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     if not argv or argv[0] not in SUBCOMMANDS:
-        args = parser.parse_args(argv)  # prints help/version or a clear error
+        parser.parse_args(argv)  # prints help/version or a clear error
         parser.print_help()
         return 1
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])

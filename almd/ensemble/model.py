@@ -18,7 +18,6 @@ an 8-atom cell), then every member and every refit is a small linear solve.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -313,19 +312,9 @@ class Ensemble(Potential):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic write (temp file, fsync, rename) of everything needed to rebuild and refit."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(self.export(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        from almd.potentials import atomic_torch_save
+
+        return atomic_torch_save(self.export(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Ensemble":

@@ -185,7 +185,7 @@ def apply_energy_shifts(potential: Potential, shifts: dict[int, float]) -> None:
         if hasattr(inner, "rescale_atomic_energy"):  # SevenNet: E_i = scale·x + shift[type]
             layer = inner._modules["rescale_atomic_energy"]
             type_map = inner.type_map
-            shift, scale = layer.shift, layer.scale
+            shift = layer.shift
             if shift.numel() == 1:
                 raise DataError("this SevenNet model has one shared energy shift; per-element shifts need one per type")
             for z, s in shifts.items():

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,7 @@ from almd.finetune.data import (
     self_distilled,
     split_validation,
 )
-from almd.potentials import Potential, adapters
+from almd.potentials import Potential, adapters, atomic_torch_save
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LOG_FIELDS = ("step", "loss", "energy", "forces", "stress", "hessian", "replay", "grad_norm",
@@ -106,17 +104,7 @@ class EMA:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_torch_save(obj, path)
 
 
 class Finetuner:

@@ -23,7 +23,7 @@ from almd.potentials.potential import Potential, UnknownElementError
 
 __all__ = [
     "Graph", "Potential", "UnknownElementError", "build_graph", "neighbor_pairs",
-    "energy_forces_stress", "hessian", "hessian_vector_product", "hessian_vector_products", "load", "save",
+    "atomic_torch_save", "energy_forces_stress", "hessian", "hessian_vector_product", "hessian_vector_products", "load", "save",
 ]
 
 FORMAT = "almd-potential-1"
@@ -69,18 +69,14 @@ def load(model: str | os.PathLike | Potential = "sevennet-0") -> Potential:
     raise ValueError(f"{name}: not an almd, sevenn or MACE model file")
 
 
-def save(potential: Potential, path: str | os.PathLike, **metadata) -> Path:
-    """Write ``potential`` so that ``load(path)`` (and ``almd.Calculator(model=path)``) rebuilds it.
-
-    Atomic: written to a temporary file, fsynced, then renamed over ``path``.
-    """
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` that never leaves a half-written file: temp file, fsync, rename."""
     path = Path(path)
-    payload = {"format": FORMAT, **potential.export(), "metadata": metadata}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
+            torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -88,3 +84,8 @@ def save(potential: Potential, path: str | os.PathLike, **metadata) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save(potential: Potential, path: str | os.PathLike, **metadata) -> Path:
+    """Write ``potential`` so that ``load(path)`` (and ``almd.Calculator(model=path)``) rebuilds it (atomically)."""
+    return atomic_torch_save({"format": FORMAT, **potential.export(), "metadata": metadata}, path)
