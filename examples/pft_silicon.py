@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategy", default="full", help="full | lora | delta | freeze | scratch")
     p.add_argument("--replay", default="", help="'' (none, as the prototype), 'self' or a labelled file")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--hessian-weight", type=float, default=100.0, help="λ_Φ; 0 gives the EFS-only fine-tune")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--patience", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"name": "sevennet-0", "strategy": args.strategy},
         "data": {"phonon": [str(SI_PBE)], "efs": [str(SI_PBE)], "validation_fraction": 0.1,
                  "max_validation": 4, "validation_columns": 3, "replay": args.replay},
+        "loss": {"hessian": args.hessian_weight},
         "optim": {"lr": args.lr},
         "run": {"steps": args.steps, "eval_every": args.eval_every, "patience": args.patience,
                 "checkpoint_every": args.eval_every, "output": str(args.output)},
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                    if result.history else None)
     (args.output / "summary.json").write_text(json.dumps(summary, indent=1))
 
-    rows = [("metric (300 K)", "SevenNet-0", f"+PFT ({args.strategy})")]
+    rows = [("metric (300 K)", "SevenNet-0", f"+{'PFT' if args.hessian_weight > 0 else 'EFS-only'} ({args.strategy})")]
     for k in METRICS + ("band_mae_thz", "held_out_force_mae_meV_A"):
         rows.append((k, f"{b[k]:.3f}", f"{a[k]:.3f}"))
     w = [max(len(r[i]) for r in rows) for i in range(3)]

@@ -66,6 +66,32 @@ def test_hessian_column_loss_gradient_matches_finite_differences(base):
     assert float(grad.view(-1)[k]) == pytest.approx(fd, rel=1e-5)
 
 
+def test_fused_pft_terms_equal_separate_calls(base):
+    """One forward for EFS + Hessian column gives the same losses and parameter gradients."""
+    phonon = bulk("Si", "diamond", a=5.43)
+    h = hessian(base, build_graph(phonon, base.cutoff, torch.float64)).detach().numpy()
+    ph = Sample(phonon, forces=np.zeros((2, 3)), stress=np.zeros((3, 3)), hessian=1.1 * h)
+    displaced = bulk("Si", "diamond", a=5.40, cubic=True)
+    displaced.rattle(0.05, seed=1)
+    rng = np.random.default_rng(2)
+    ef = Sample(displaced, energy=-43.0, forces=rng.normal(0, 0.3, (8, 3)), stress=rng.normal(0, 0.01, (3, 3)))
+    params = [p for p in base.parameters() if p.requires_grad]
+
+    fused = losses.pft_terms(base, [ph, ef], [3, None], torch.float64)
+    separate = losses.efs_terms(base, [ph, ef], torch.float64)
+    separate["hessian"] = losses.hessian_term(base, [ph], [3], torch.float64)
+    assert set(fused) == set(separate) == {"energy", "forces", "stress", "hessian"}
+    for key in fused:
+        assert float(fused[key].detach()) == pytest.approx(float(separate[key].detach()), rel=1e-10)
+    g_fused = torch.autograd.grad(sum(fused.values()), params, allow_unused=True)
+    g_sep = torch.autograd.grad(sum(separate.values()), params, allow_unused=True)
+    for a, b in zip(g_fused, g_sep):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
 def hessian_mae(pot, atoms) -> float:
     h = hessian(pot, build_graph(atoms, pot.cutoff, pot.dtype)).detach().numpy()
     return float(np.abs(h - atoms.info["hessian"]).mean())

@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from almd.finetune.data import Sample
-from almd.potentials import Potential, build_graph, energy_forces_stress, hessian_vector_product
+from almd.potentials import (
+    Potential,
+    build_graph,
+    energy_forces_stress,
+    energy_forces_stress_hvp,
+    hessian_vector_product,
+)
 
 
 def _graph(potential: Potential, samples: list[Sample], dtype: torch.dtype):
@@ -33,9 +39,18 @@ def efs_terms(potential: Potential, samples: list[Sample], dtype: torch.dtype,
     MAE form (PFT phonon batches): |ΔE|/N, mean over atoms of ‖ΔF‖₂, |Δσ|.
     Huber form (co-training): Huber(δ) of ΔE/N, of force and of stress components.
     """
-    want_stress = any(s.stress is not None for s in samples) and all(s.atoms.pbc.all() for s in samples)
+    want_stress = _want_stress(samples)
     graph = _graph(potential, samples, dtype)
     out = energy_forces_stress(potential, graph, forces=True, stress=want_stress, create_graph=create_graph)
+    return _efs_from(out, samples, dtype, huber, want_stress)
+
+
+def _want_stress(samples: list[Sample]) -> bool:
+    return any(s.stress is not None for s in samples) and all(s.atoms.pbc.all() for s in samples)
+
+
+def _efs_from(out: dict[str, torch.Tensor], samples: list[Sample], dtype: torch.dtype,
+              huber: float | None, want_stress: bool) -> dict[str, torch.Tensor]:
     terms: dict[str, torch.Tensor] = {}
     idx = [k for k, s in enumerate(samples) if s.energy is not None]
     if idx:
@@ -60,6 +75,33 @@ def efs_terms(potential: Potential, samples: list[Sample], dtype: torch.dtype,
     if idx and want_stress:
         target = torch.as_tensor(np.stack([samples[k].stress for k in idx]), dtype=dtype)
         terms["stress"] = _penalty(out["stress"][idx] - target, huber)
+    return terms
+
+
+def pft_terms(potential: Potential, samples: list[Sample], columns: list[int | None], dtype: torch.dtype,
+              create_graph: bool = True) -> dict[str, torch.Tensor]:
+    """The EFS terms (MAE form) and the Hessian-column term of one batch, from one forward.
+
+    ``columns[k]`` is the Hessian column drawn for sample k (None: no Hessian
+    term for it). Equal to :func:`efs_terms` plus :func:`hessian_term`, at the
+    cost of one network forward instead of two.
+    """
+    want_stress = _want_stress(samples)
+    graph = _graph(potential, samples, dtype)
+    vectors = torch.zeros_like(graph.positions)
+    flat, start, picked = vectors.view(-1), 0, []
+    for s, j in zip(samples, columns):
+        if j is not None:
+            flat[3 * start + j] = 1.0
+            picked.append((start, s, j))
+        start += len(s.atoms)
+    out = energy_forces_stress_hvp(potential, graph, vectors, stress=want_stress, create_graph=create_graph)
+    terms = _efs_from(out, samples, dtype, None, want_stress)
+    if picked:
+        hv = out["hessian_vector"].reshape(-1)
+        errors = [(hv[3 * a:3 * (a + len(s.atoms))] - torch.as_tensor(s.hessian[:, j], dtype=dtype)).abs().mean()
+                  for a, s, j in picked]
+        terms["hessian"] = torch.stack(errors).mean()
     return terms
 
 

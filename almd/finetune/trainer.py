@@ -198,9 +198,11 @@ class Finetuner:
                       create_graph: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
         """PFT loss of one batch: λ_E·E/N + λ_F·‖ΔF‖ + λ_σ·σ + λ_Φ·MAE(Hv − Φ_col)."""
         w = self.weights()
-        terms = losses.efs_terms(self.potential, phonon + efs, self.dtype, None, create_graph) if phonon + efs else {}
-        if phonon and w["hessian"] > 0:
-            terms["hessian"] = losses.hessian_term(self.potential, phonon, columns, self.dtype, create_graph)
+        if phonon and w["hessian"] > 0:  # one forward for EFS and the Hessian columns
+            terms = losses.pft_terms(self.potential, phonon + efs, list(columns) + [None] * len(efs), self.dtype,
+                                     create_graph)
+        else:
+            terms = losses.efs_terms(self.potential, phonon + efs, self.dtype, None, create_graph) if phonon + efs else {}
         total = sum(w[k] * v for k, v in terms.items() if w[k] > 0)
         return total, {k: float(v.detach()) for k, v in terms.items()}
 

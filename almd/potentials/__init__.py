@@ -14,6 +14,7 @@ import torch
 
 from almd.potentials.autodiff import (
     energy_forces_stress,
+    energy_forces_stress_hvp,
     hessian,
     hessian_vector_product,
     hessian_vector_products,
@@ -23,7 +24,7 @@ from almd.potentials.potential import Potential, UnknownElementError
 
 __all__ = [
     "Graph", "Potential", "UnknownElementError", "build_graph", "neighbor_pairs",
-    "atomic_torch_save", "energy_forces_stress", "hessian", "hessian_vector_product", "hessian_vector_products", "load", "save",
+    "atomic_torch_save", "energy_forces_stress", "energy_forces_stress_hvp", "hessian", "hessian_vector_product", "hessian_vector_products", "load", "save",
 ]
 
 FORMAT = "almd-potential-1"

@@ -55,6 +55,32 @@ def hessian_vector_product(
     return hv
 
 
+def energy_forces_stress_hvp(
+    potential: Potential,
+    graph: Graph,
+    vectors: torch.Tensor,
+    stress: bool = True,
+    create_graph: bool = False,
+) -> dict[str, torch.Tensor]:
+    """:func:`energy_forces_stress` and H·v from one forward pass.
+
+    A PFT step needs both; the separate calls run the network and its first
+    backward twice. Here the force graph is built once (``create_graph`` is
+    always on for it, since H·v differentiates it again) and reused.
+    """
+    stress = stress and bool(graph.pbc.all())
+    graph.requires_grad_(positions=True, strain=stress)
+    energy, atomic = potential.forward_with_atomic(graph)
+    inputs = [graph.positions] + ([graph.strain] if stress else [])
+    grads = torch.autograd.grad(energy.sum(), inputs, create_graph=True)
+    out = {"energy": energy, "energies": atomic, "forces": -grads[0]}
+    if stress:
+        out["stress"] = grads[1] / graph.volumes()[:, None, None]
+    (out["hessian_vector"],) = torch.autograd.grad((grads[0] * vectors.to(grads[0].dtype)).sum(), graph.positions,
+                                                   create_graph=create_graph)
+    return out
+
+
 def hessian_vector_products(potential: Potential, graph: Graph, vectors: torch.Tensor, chunk: int = 1) -> torch.Tensor:
     """H·v for a stack of ``k`` displacement fields ``vectors`` (k, n, 3) at one geometry.
 
