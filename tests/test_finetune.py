@@ -117,6 +117,18 @@ def test_pft_steps_reduce_hessian_error_and_export(base, si2_target, tmp_path):
     assert np.isfinite(atoms.get_potential_energy())
 
 
+def test_efs_only_finetune_still_reports_the_hessian_column_error(base, si2_target, tmp_path):
+    """λ_Φ = 0 (the EFS-only side of the PFT comparison): no Hessian term in training or in the
+    validation loss, but the validation column error is still measured."""
+    trainer = Finetuner(config(tmp_path, loss={"hessian": 0.0}, run={"steps": 2}),
+                        potential=copy.deepcopy(base), phonon=[si2_target])
+    result = trainer.fit(save_model=False)
+    assert all("hessian" not in h for h in result.history)
+    assert result.initial_validation["val_hessian_mae"] > 0.01  # the label is 1.1 × the model's own
+    terms = losses.pft_terms(base, [trainer.val_phonon[0]], [0], torch.float64, create_graph=False)
+    assert result.initial_validation["val_loss"] == pytest.approx(float(20 * terms["forces"] + 5 * terms["stress"]))
+
+
 def test_resume_continues_bit_for_bit(base, si2_target, tmp_path):
     d = bulk("Si", "diamond", a=5.43)
     d.rattle(0.05, seed=2)

@@ -246,11 +246,14 @@ class Finetuner:
         with self.ema.applied():
             if self.val_phonon:
                 maes = []
+                w = self.weights()
                 for s, cols in zip(self.val_phonon, self.val_columns):
                     for j in cols:
-                        v, terms = self.finetune_loss([s], [], [j], create_graph=False)
-                        total, parts = total + float(v), parts + 1
-                        maes.append(terms["hessian"])
+                        # the column error is reported even when λ_Φ = 0 (EFS-only fine-tuning)
+                        terms = losses.pft_terms(self.potential, [s], [j], self.dtype, create_graph=False)
+                        total += float(sum(w[k] * v for k, v in terms.items() if w[k] > 0))
+                        parts += 1
+                        maes.append(float(terms["hessian"]))
                 out["val_hessian_mae"] = float(np.mean(maes))
             if self.val_efs:
                 errs = []
