@@ -1,4 +1,4 @@
-"""Ensemble of readout heads on one frozen SevenNet-0: members, gradients, calibration, files, ASE."""
+"""Ensemble of readout heads on one frozen backbone (SevenNet-0, MACE): members, gradients, calibration, files, ASE."""
 
 from __future__ import annotations
 
@@ -178,3 +178,66 @@ def test_calculator_in_md_loop(fitted, tmp_path):
     # a saved ensemble works by path, too
     atoms.calc = EnsembleCalculator(ens.save(tmp_path / "e.pt"))
     assert atoms.calc.get_uncertainty(atoms) > 0
+
+
+# ---------------------------------------------------------------- MACE backbone
+@pytest.fixture(scope="module")
+def mace_backbone():
+    pytest.importorskip("mace")
+    from almd.potentials.mace import small_random_mace
+
+    torch.set_num_threads(1)
+    return small_random_mace([14], cutoff=4.0, seed=3)
+
+
+def test_mace_pretrained_head_reproduces_backbone(mace_backbone):
+    from almd.potentials.autodiff import energy_forces_stress
+
+    ens = Ensemble(mace_backbone, k=3)
+    atoms = si8(0.08, seed=4)
+    ref = energy_forces_stress(mace_backbone, ens.graph(atoms), stress=False)
+    out = ens.evaluate(ens.graph(atoms), members=True)
+    assert np.allclose(out["energy"].detach().numpy(), float(ref["energy"].detach()), atol=1e-4)
+    for k in range(3):  # every member is the backbone until fitted
+        assert np.allclose(out["forces"][k].detach().numpy(), ref["forces"].detach().numpy(), atol=1e-5)
+    # the probed readout weights carry the model: the rest feature ρ (pair terms) is zero here
+    with torch.no_grad():
+        h = ens.readout.features(ens.graph(atoms))
+    assert h.shape[1] == ens.readout.n_features and float(h[:, -1].abs().max()) < 1e-4
+    assert float(h[:, :-1].abs().max()) > 1e-2
+
+
+def test_mace_members_differ_and_are_conservative(mace_backbone, tmp_path):
+    ens = Ensemble(mace_backbone, k=3, rank=4, seed=2)
+    frames = [sw_labelled(si8(0.1, seed=s)) for s in range(3)]
+    ens.fit(frames, prior_scale=0.1)
+    atoms = si8(0.06, seed=9)
+    members = ens.evaluate(ens.graph(atoms), members=True)
+    mean = ens.evaluate(ens.graph(atoms), members=False)
+    f = members["forces"].detach().numpy()
+    assert np.abs(f[0] - f[1]).max() > 1e-4 and np.abs(f[1] - f[2]).max() > 1e-4  # bootstrap members differ
+    assert np.allclose(mean["forces"].detach().numpy(), f.mean(0), atol=1e-5)
+    assert ens.predict(atoms)["uncertainty_raw"] > 0
+    ens64 = copy.deepcopy(ens).to(torch.float64)  # float64 for finite differences
+    forces = ens64.evaluate(ens64.graph(atoms))["forces"].detach().numpy()
+    h = 1e-4
+    for atom, axis in [(1, 0), (4, 2)]:
+        energies = []
+        for sign in (1, -1):
+            shifted = atoms.copy()
+            shifted.positions[atom, axis] += sign * h
+            energies.append(ens64.evaluate(ens64.graph(shifted))["energy"].detach().numpy()[:, 0])
+        fd = -(energies[0] - energies[1]) / (2 * h)
+        assert np.allclose(forces[:, atom, axis], fd, atol=1e-6), (forces[:, atom, axis], fd)
+    back = Ensemble.load(ens.save(tmp_path / "mace-ens.pt"))
+    assert np.allclose(back.predict(atoms)["member_forces"], ens.predict(atoms)["member_forces"], atol=1e-6)
+
+
+def test_unsupported_backbone_is_named():
+    from almd.potentials import Potential
+
+    class Toy(Potential):
+        backbone_name = "toy"
+
+    with pytest.raises(NotImplementedError, match="toy"):
+        Ensemble(Toy(), k=2)

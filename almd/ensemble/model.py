@@ -1,18 +1,39 @@
 """K members on one frozen backbone: shared trunk, K linear readout heads.
 
 Member k gives per-atom energies E_ki = W_k[z_i]·h_i + b_k[z_i] on the shared
-trunk features h (see :mod:`almd.ensemble.readout`). One trunk forward serves
-all members; each member's forces need one backward through the trunk (the
-cotangent on h is W_k[z_i]), so K members cost 1 forward + K backwards, and
-the member *mean* alone costs 1 forward + 1 backward (forces are linear in W).
+trunk features h (see :mod:`almd.ensemble.readout`; SevenNet and MACE
+backbones). One trunk forward serves all members; each member's forces need
+one backward through the trunk (the cotangent on h is W_k[z_i]), so K members
+cost 1 forward + K backwards, and the member *mean* alone costs 1 forward + 1
+backward (forces are linear in W).
 
-Training is exact least squares: member k's head is the pretrained readout
-plus a correction in an r-dimensional feature subspace D (the pretrained
+**Members are readout adapters.** The issue asks for members that "share one
+frozen backbone and differ in their adapters (different seeds, bootstrap
+resamples)". Here each member's adapter is a *delta adapter on the readout*:
+W_k = W_0 + Δ_k with W_0 the pretrained readout, trained with weight decay on
+Δ_k (as :mod:`almd.potentials.adapters`' delta adapters are). Because the
+trunk is frozen, the loss is exactly quadratic in Δ_k, so instead of SGD each
+member is solved exactly: ridge regression (= weight decay) on
+
+* a bootstrap resample of the labelled frames (seeded by ``seed``), and
+* a random prior centre: the decay pulls Δ_k toward a seeded random c_k, not
+  toward 0 (``prior_scale``), the "randomised prior" that makes an ensemble of
+  linear models sample their posterior rather than agree on one fit.
+
+Why the adapters sit on the readout and nowhere deeper: an adapter inside the
+interaction blocks (LoRA) changes the features, so every member would need its
+own trunk forward *and* backward — K full models per MD step. With readout
+adapters the trunk runs once, the member mean costs one model, and the spread
+K backwards (every ``uncertainty_every``-th step, see ``EnsembleCalculator``),
+which is what keeps K = 4 within 2× of one model. The exact solve also makes
+refits (as labels arrive) a small linear solve instead of a training run, and
+deterministic for a given seed.
+
+Δ_k is restricted to an r-dimensional feature subspace D (the pretrained
 readout direction and the top principal components of the training
-features), fitted by ridge regression on a bootstrap resample of the labelled
-frames with a random prior centre (seeded). Design rows need one trunk
-backward per subspace direction per frame (r ≈ 16: a couple of seconds for
-an 8-atom cell), then every member and every refit is a small linear solve.
+features): design rows need one trunk backward per subspace direction per
+frame (r ≈ 16: a couple of seconds for an 8-atom cell), then every member and
+every refit is a small linear solve.
 """
 
 from __future__ import annotations
@@ -28,7 +49,7 @@ from ase import Atoms
 
 from almd import potentials
 from almd.ensemble.calibration import Calibration
-from almd.ensemble.readout import SevenNetReadout
+from almd.ensemble.readout import readout_for
 from almd.potentials import Graph, Potential, build_graph
 
 FORMAT = "almd-ensemble-1"
@@ -82,7 +103,7 @@ def frame_score(spread: np.ndarray, reduce: str = "max") -> float:
 
 
 class Ensemble(Potential):
-    """K readout heads on one frozen backbone (SevenNet-0 by default).
+    """K readout heads on one frozen backbone (SevenNet-0 by default, or any MACE potential).
 
     As a :class:`~almd.potentials.Potential` it is the member mean, so
     ``almd.Calculator(model=ensemble)`` and the autodiff module (Hessians,
@@ -101,7 +122,7 @@ class Ensemble(Potential):
         self.backbone = potentials.load(backbone)
         for p in self.backbone.parameters():
             p.requires_grad_(False)  # frozen: members differ only in their heads
-        self.readout = SevenNetReadout(self.backbone)
+        self.readout = readout_for(self.backbone)  # SevenNet or MACE
         self.cutoff, self.species = self.backbone.cutoff, self.backbone.species
         self.k, self.seed, self.rank, self.score = k, seed, rank, score
         w0, b0 = self.readout.pretrained_head()
