@@ -17,7 +17,6 @@ from almd.potentials import (
     build_graph,
     energy_forces_stress,
     energy_forces_stress_hvp,
-    hessian_vector_product,
 )
 
 
@@ -112,18 +111,4 @@ def hessian_term(potential: Potential, samples: list[Sample], columns: list[int]
     One HVP with a one-hot vector per structure gives every structure's column at
     once (the batch Hessian is block-diagonal).
     """
-    graph = _graph(potential, samples, dtype)
-    vectors = torch.zeros_like(graph.positions)
-    flat = vectors.view(-1)
-    targets, start = [], 0
-    for s, j in zip(samples, columns):
-        flat[3 * start + j] = 1.0
-        targets.append(torch.as_tensor(s.hessian[:, j], dtype=dtype))
-        start += len(s.atoms)
-    hv = hessian_vector_product(potential, graph, vectors, create_graph=create_graph).reshape(-1)
-    errors, start = [], 0
-    for s, target in zip(samples, targets):
-        n3 = 3 * len(s.atoms)
-        errors.append((hv[3 * start:3 * start + n3] - target).abs().mean())
-        start += len(s.atoms)
-    return torch.stack(errors).mean()
+    return pft_terms(potential, samples, list(columns), dtype, create_graph)["hessian"]
