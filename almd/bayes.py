@@ -12,7 +12,8 @@ Speed: hiphive's ``ForceConstantModel.get_fit_matrix`` costs ~60 ms (after a
 ~20 s numba warm-up) for a 64-atom supercell. ``_SupercellBasis`` expands the
 per-eigentensor force constants of one ideal supercell once into sparse
 matrices; a design block is then one or two sparse products (~4 ms), equal to
-hiphive's fit matrix to round-off (tested).
+hiphive's fit matrix to round-off (tested). Convergence from sub-blocks of
+larger-supercell MD (no new DFT): :mod:`almd.bayes_convergence`.
 """
 
 from __future__ import annotations

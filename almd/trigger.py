@@ -15,6 +15,12 @@ Criteria (Callsen et al. 2026, methods.md §3; VASP ML_CTIFOR / ML_ICRITERIA):
 * emergency brake: score > ``hard_cap`` (or not finite) → stop the step, roll
   the walker back to the last trusted frame, label the offending frame at once.
 
+Convergence: ``converge_windows`` consecutive call-free windows with the
+trajectory-averaged error below ``target``; with ``subblock_target`` set (the
+lattice-dynamics model), also the sub-block Bayesian error of a larger supercell
+(:func:`almd.bayes_convergence.subblock_convergence`), recorded with
+:meth:`Trigger.record_subblock_error` after the last call, below that target.
+
 Calls are never closer than ``min_spacing`` steps, except for the brake.
 The full state serialises to JSON for exact, bit-for-bit restarts.
 """
@@ -39,7 +45,7 @@ __all__ = [
     "select_frames",
 ]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: sub-block error; version-1 states still load
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,9 @@ class TriggerSettings:
         adaptive_max_spread: update only if std/mean of the history is below this.
         adaptive_max_slope: update only if |fitted slope| × history length / mean
             (the relative drift across the history) is below this.
+        subblock_target: if set (eV/Å), convergence also needs a sub-block Bayesian
+            error below it, recorded for the current model (after the last call)
+            with :meth:`Trigger.record_subblock_error`. Needs ``target``.
     """
 
     window: int = 1000
@@ -87,6 +96,7 @@ class TriggerSettings:
     adaptive_history: int = 400
     adaptive_max_spread: float = 0.4
     adaptive_max_slope: float = 0.2
+    subblock_target: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> None:
@@ -116,12 +126,14 @@ class TriggerSettings:
             bad("target_spacing", "None or an integer >= 1")
         if not is_pos(self.rel_factor) or self.rel_factor <= 1:
             bad("rel_factor", "a finite number > 1")
-        for name in ("abs_cap", "hard_cap", "target"):
+        for name in ("abs_cap", "hard_cap", "target", "subblock_target"):
             v = getattr(self, name)
             if v is not None and not is_pos(v):
                 bad(name, "None or a finite force > 0 in eV/Å")
         if self.hard_cap is not None and self.abs_cap is not None and self.hard_cap <= self.abs_cap:
             bad("hard_cap", f"greater than abs_cap = {self.abs_cap} eV/Å")
+        if self.subblock_target is not None and self.target is None:
+            bad("subblock_target", "None when target is None (it adds to that convergence test)")
         if not isinstance(self.adaptive, bool):
             bad("adaptive", "True or False")
         if self.adaptive and self.abs_cap is None:
@@ -221,6 +233,9 @@ class Trigger:
         self._block_start: int | None = None
         self._block_ok = True
         self._good_blocks = 0
+        # Latest sub-block error and n_calls when it was recorded: a later call
+        # refits the model, so the value no longer describes it.
+        self._subblock: tuple[float, int] | None = None
         self.n_calls = 0
         self.n_brakes = 0
 
@@ -239,10 +254,33 @@ class Trigger:
 
     @property
     def converged(self) -> bool:
-        """True after ``converge_windows`` call-free windows below ``target``."""
-        return self.settings.target is not None and (
-            self._good_blocks >= self.settings.converge_windows
-        )
+        """True after ``converge_windows`` call-free windows below ``target`` and,
+        with ``subblock_target`` set, a sub-block error below it recorded since the
+        last call."""
+        s = self.settings
+        if s.target is None or self._good_blocks < s.converge_windows:
+            return False
+        return s.subblock_target is None or self.subblock_error < s.subblock_target
+
+    @property
+    def subblock_error(self) -> float:
+        """The sub-block error (eV/Å) recorded for the current model; nan if none
+        was recorded since the last call."""
+        if self._subblock is None or self._subblock[1] != self.n_calls:
+            return math.nan
+        return self._subblock[0]
+
+    def record_subblock_error(self, error: float) -> bool:
+        """Record the sub-block Bayesian error (eV/Å) of the current model on
+        larger-supercell MD frames, e.g. ``subblock_convergence(...).value``.
+        Returns whether it is below ``subblock_target`` (False if that is None).
+        A later call (label or brake) makes the record stale."""
+        error = float(error)
+        if not error >= 0:  # also rejects nan
+            raise ValueError(f"sub-block error {error!r}: must be a force >= 0 in eV/Å")
+        self._subblock = (error, self.n_calls)
+        t = self.settings.subblock_target
+        return t is not None and error < t
 
     @property
     def last_call(self) -> int | None:
@@ -385,11 +423,12 @@ class Trigger:
             "good_blocks": self._good_blocks,
             "n_calls": self.n_calls,
             "n_brakes": self.n_brakes,
+            "subblock": None if self._subblock is None else list(self._subblock),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "Trigger":
-        if state.get("version") != _STATE_VERSION:
+        if state.get("version") not in (1, _STATE_VERSION):
             raise ValueError(f"Trigger state version {state.get('version')!r} != {_STATE_VERSION}")
         trig = cls(TriggerSettings.from_dict(state["settings"]))
         trig._window.extend(float(v) for v in state["window"])
@@ -406,6 +445,8 @@ class Trigger:
         trig._good_blocks = int(state["good_blocks"])
         trig.n_calls = int(state["n_calls"])
         trig.n_brakes = int(state["n_brakes"])
+        sub = state.get("subblock")  # absent from version-1 states
+        trig._subblock = None if sub is None else (float(sub[0]), int(sub[1]))
         return trig
 
     def to_json(self) -> str:

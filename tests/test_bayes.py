@@ -419,3 +419,153 @@ def test_active_learning_loop_with_trigger(si, sw, frames_1500):
     assert np.all(np.diff(steps) >= 10)
     assert not any(d.stop for d in decisions)
     assert rmse() < 0.85 * err0, (err0, rmse())
+
+
+# ------------------------------------------------------------------ sub-block convergence
+@pytest.fixture(scope="module")
+def big(si):
+    return si[1].repeat(3)  # 216 atoms: 1.5 × the 64-atom training cell per direction
+
+
+@pytest.fixture(scope="module")
+def big_frames(model, big):
+    """Larger-supercell MD run with the model itself (no reference calls), as in
+    Callsen et al.; started hot (600 K) into a 300 K bath, 2 fs steps."""
+    a = big.copy()
+    a.calc = BayesianCalculator(model, big)
+    thermalize_momenta(a, temperature_K=600, rng=np.random.default_rng(3))
+    dyn = Langevin(a, 2 * units.fs, temperature_K=300, friction=0.02 / units.fs,
+                   fixcm=False, rng=np.random.default_rng(4))
+    frames = []
+    for _ in range(3):
+        dyn.run(10)
+        frames.append(a.copy())
+    return frames
+
+
+def test_block_labels_partition_the_large_cell(si, model, big):
+    from almd.bayes_convergence import block_labels
+
+    ideal = si[2]
+    lab = block_labels(big, None, model)  # default: blocks no larger than the training cell
+    np.testing.assert_array_equal(lab, block_labels(big, (2, 2, 2)))
+    np.testing.assert_array_equal(lab, block_labels(big, ideal))
+    counts = np.bincount(lab)
+    assert counts.size == 8 and counts.sum() == len(big) and counts.min() >= 24
+    # An exact multiple: 4×4×4 conventional cells in 2×2×2 blocks of 64 atoms.
+    np.testing.assert_array_equal(np.bincount(block_labels(si[1].repeat(4), ideal)), [64] * 8)
+    np.testing.assert_array_equal(block_labels(big, "atom"), np.arange(len(big)))
+    with pytest.raises(ValueError, match="grid"):
+        block_labels(big, (2, 0, 2))
+    with pytest.raises(ValueError, match="216"):
+        block_labels(big, np.zeros(5, dtype=int))
+
+
+def test_large_supercell_design_block_matches_hiphive_and_small_cell(si, model, big, big_frames):
+    """(1) The model's design block of the 216-atom cell (built from the same
+    ClusterSpace, never trained on) gives the forces of hiphive's
+    ForceConstantPotential there; and a configuration that is periodic in one
+    conventional cell has the same forces and posterior std per atom in the 64-
+    and the 216-atom cell."""
+    import itertools
+
+    from almd.bayes import displacements
+
+    frame = big_frames[-1]
+    f = model.predict_forces(frame, ideal=big)
+    # Reference: hiphive's force constants on the 216-atom cell, contracted here
+    # (hiphive's ForceConstantCalculator takes ~25 s for its first call; a dense
+    # fc3 would be 2 GB): F = -fc2·u - ½ Σ fc3 u u over every ordered triplet.
+    fcs = model.force_constants(big)
+    u = displacements(frame, big)
+    ref = -np.einsum("ijab,jb->ia", fcs.get_fc_array(order=2), u)
+    fc3 = fcs.get_fc_dict(order=3)  # sorted clusters only: expand the permutations
+    clusters, tensors = np.array(list(fc3)), np.array(list(fc3.values()))
+    seen = []
+    for perm in itertools.permutations(range(3)):
+        c = clusters[:, perm]
+        new = ~np.any([np.all(c == s, axis=1) for s in seen], axis=0) if seen else slice(None)
+        seen.append(c)
+        # hiphive: fcs[c[perm]] = fc_dict[c].transpose(perm) for a sorted cluster c
+        t = tensors.transpose(0, *(1 + np.array(perm)))[new]
+        c = c[new]
+        np.add.at(ref, c[:, 0], -0.5 * np.einsum("mabc,mb,mc->ma", t, u[c[:, 1]], u[c[:, 2]]))
+    scale = np.abs(f).max()
+    assert scale > 0.5  # eV/Å: thermal forces
+    assert np.abs(ref - f).max() < 1e-9 * scale
+
+    conv, ideal = si[1], si[2]
+    u8 = np.random.default_rng(12).normal(0, 0.08, (len(conv), 3))
+    small, large = ideal.copy(), big.copy()
+    small.positions += np.tile(u8, (8, 1))  # ase repeat: image-major atom order
+    large.positions += np.tile(u8, (27, 1))
+    fs, ss, _ = model.evaluate(small, ideal=ideal)
+    fl, sl, _ = model.evaluate(large, ideal=big)
+    np.testing.assert_allclose(fl, np.tile(fs[:8], (27, 1)), atol=1e-10)
+    np.testing.assert_allclose(sl, np.tile(ss[:8], (27, 1)), atol=1e-12)
+
+
+def test_subblock_errors_fall_with_training_and_convergence_flips(si, sw, model, big, big_frames):
+    """(2) Same larger-cell MD frames, models trained on 1, 3 and 8 structures:
+    every sub-block error falls, and the decision flips to converged."""
+    from almd.bayes_convergence import subblock_convergence, subblock_errors
+    from almd.trigger import Trigger, TriggerSettings
+
+    ideal = si[2]
+    train = rattled(ideal, 8, 0.06, 0, sw)  # the first 5 are the module model's
+    target = 0.01  # eV/Å, ~1.5 % of the thermal force rms at 300 K
+    trig = Trigger(TriggerSettings(window=100, target=0.02, subblock_target=target))
+    errors, decisions = [], []
+    try:
+        for n in (1, 3, 8):
+            model.fit(train[:n])
+            errors.append(subblock_errors(model, big_frames, big))
+            dec = subblock_convergence(model, big_frames, big, target=target)
+            np.testing.assert_array_equal(dec.errors, errors[-1])
+            assert dec.value == dec.max == errors[-1].max()
+            assert dec.noise == pytest.approx(model.fit_result.beta ** -0.5)
+            decisions.append(dec)
+            assert trig.record_subblock_error(dec.value) is dec.converged
+    finally:
+        model.fit(train[:5])
+    assert errors[0].shape == (3, 8)
+    assert np.all(errors[1] < errors[0]) and np.all(errors[2] < errors[1]), errors
+    # ~1/sqrt(n) for data of one kind: 8 structures at least halve the error of 1.
+    assert errors[2].max() < 0.6 * errors[0].max()
+    assert [d.converged for d in decisions] == [False, False, True] or \
+        [d.converged for d in decisions] == [False, True, True], [d.value for d in decisions]
+    # The block error is the trigger score restricted to the block: its max over
+    # blocks is the frame's score.
+    f0 = big_frames[0]
+    assert errors[1][0].max() > errors[2][0].max()
+    assert model.score(f0, ideal=big) == pytest.approx(
+        subblock_errors(model, f0, big).max(), rel=1e-12)
+
+
+def test_far_displacement_is_localised_in_its_block(model, big, big_frames):
+    """(3) One atom moved 0.8 Å (training: 0.06 Å rms): its block's error jumps
+    and is the largest; blocks beyond the cutoff of that atom do not change."""
+    from almd.bayes_convergence import block_labels, subblock_convergence, subblock_errors
+
+    frame = big_frames[0]
+    frac = big.get_scaled_positions()
+    i = int(np.argmin(np.linalg.norm(frac - 0.25, axis=1)))  # near the centre of block 0
+    far = frame.copy()
+    far.positions[i] += 0.8 / np.sqrt(3)
+    labels = block_labels(big, None, model)
+    dist = big.get_distances(i, np.arange(len(big)), mic=True)
+    near = np.unique(labels[dist < max(model.cutoffs) + 1e-6])
+    assert 0 < near.size < 8
+    for block, home in ((None, labels[i]), ("atom", i)):
+        e0 = subblock_errors(model, frame, big, block)[0]
+        e1 = subblock_errors(model, far, big, block)[0]
+        assert int(np.argmax(e1)) == home
+        assert e1[home] > 4 * e0[home]
+        assert e1[home] > 1.25 * np.sort(e1)[-2]  # its neighbours see it too, less
+        assert int(np.argmax(e1 - e0)) == home
+        lab = labels if block is None else np.arange(len(big))
+        untouched = ~np.isin(np.arange(e0.size), np.unique(lab[dist < max(model.cutoffs) + 1e-6]))
+        assert untouched.sum() > 0
+        np.testing.assert_allclose(e1[untouched], e0[untouched], rtol=1e-12)
+    dec = subblock_convergence(model, [frame, far], big, target=0.02)
+    assert dec.worst() == (1, labels[i]) and not dec.converged

@@ -185,6 +185,47 @@ def test_no_convergence_while_average_above_target():
     assert not trig.converged
 
 
+def test_subblock_error_joins_convergence_and_goes_stale_after_a_call():
+    st = TriggerSettings(window=100, target=0.01, converge_windows=3, subblock_target=0.008)
+    trig = Trigger(st)
+    run(trig, noise(310))
+    assert trig._good_blocks >= 3  # the trajectory-averaged test alone would pass ...
+    assert not trig.converged  # ... but no sub-block error was recorded
+    assert math.isnan(trig.subblock_error)
+    assert trig.record_subblock_error(0.012) is False
+    assert not trig.converged  # recorded, above its target
+    assert trig.record_subblock_error(0.006) is True
+    assert trig.converged and trig.subblock_error == 0.006
+    # Exact restart keeps the record; a version-1 state (no record) still loads.
+    assert Trigger.from_json(trig.to_json()).converged
+    old = trig.state_dict()
+    old["version"] = 1
+    del old["subblock"]
+    old["settings"].pop("subblock_target")
+    assert Trigger.from_state_dict(old).converged  # no sub-block target in v1
+    # A call refits the model: the record describes the old model.
+    trig.update(310, 0.05)
+    assert math.isnan(trig.subblock_error)
+    run(trig, noise(310, seed=2), start=311)
+    assert trig._good_blocks >= 3 and not trig.converged
+    trig.record_subblock_error(0.005)
+    assert trig.converged
+    with pytest.raises(ValueError, match="sub-block error"):
+        trig.record_subblock_error(float("nan"))
+
+
+def test_subblock_target_needs_target():
+    with pytest.raises(ValueError, match=r"TriggerSettings\.subblock_target = "):
+        TriggerSettings(subblock_target=0.01)
+    with pytest.raises(ValueError, match=r"TriggerSettings\.subblock_target = "):
+        TriggerSettings(target=0.01, subblock_target=-1.0)
+    # Without subblock_target, recording is harmless and convergence unchanged.
+    trig = Trigger(TriggerSettings(window=100, target=0.01))
+    assert trig.record_subblock_error(0.5) is False
+    run(trig, noise(310))
+    assert trig.converged
+
+
 def test_json_round_trip_mid_stream_is_exact():
     rng = np.random.default_rng(7)
     s = 0.005 * (1 + 0.3 * rng.standard_normal(3000)).clip(0.1)
