@@ -323,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         if path.exists():
             rows.append(json.loads(path.read_text()))
             continue
-        if deadline is not None and durations:
-            eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=max(durations))
+        # a run's duration is estimated by the longest so far (this process, else the cached runs)
+        known = durations or [r["total_seconds"] for r in rows if "total_seconds" in r]
+        if deadline is not None and known:
+            eta = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=max(known))
             if eta > deadline:
                 print(f"skip n={n} {strategy}: would end ~{eta:%H:%M} UTC, after --stop-by", flush=True)
                 continue
@@ -340,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
 
     dft_summary = {"omega_max_thz": dft.omega_max_thz, "thermal_300K": dft.thermal_300K, "mesh": dft.mesh,
                    "supercell": "2x2x2 conventional (64 atoms), symfc fc2, no NAC"}
-    md = table(rows)
+    runs = sorted(rows[1:], key=lambda r: (STRATEGIES.index(r["strategy"]), r["n_train"]))
+    md = table([base_row] + runs)
     noise_line = (f"Reference noise (DFT fc2 from all 100 cells vs from the 50 test cells): |Δω_max| "
                   f"{noise['omega_max_K_abs_error']:.2f} K, |ΔS| {noise['S_J_K_mol_abs_error']:.3f} J/K/mol, "
                   f"BZ MAE {noise['bz_mae_thz']:.4f} THz.")
