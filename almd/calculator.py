@@ -28,7 +28,13 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class NeighborCache:
-    """A neighbour list with a skin, rebuilt only when it can have become wrong."""
+    """A neighbour list with a skin, rebuilt only when it can have become wrong.
+
+    Each call hands out the pairs within the cutoff *now*, in a canonical order
+    (by i, j, shift). The model then sees the same graph whatever the list's
+    build history, so an MD run restarted from a checkpoint repeats the
+    uninterrupted one bit for bit, and pairs inside the skin cost nothing.
+    """
 
     def __init__(self, cutoff: float, skin: float):
         self.cutoff, self.skin = cutoff, skin
@@ -41,7 +47,12 @@ class NeighborCache:
             self.pairs = neighbor_pairs(atoms, self.cutoff + self.skin)
             self._reference = atoms.copy()
             self.builds += 1
-        return self.pairs
+        p = self.pairs
+        vectors = atoms.positions[p.j] - atoms.positions[p.i] + p.shifts @ atoms.cell.array
+        inside = np.flatnonzero((vectors**2).sum(1) < self.cutoff**2)
+        order = inside[np.lexsort((p.shifts[inside, 2], p.shifts[inside, 1], p.shifts[inside, 0],
+                                   p.j[inside], p.i[inside]))]
+        return NeighborPairs(p.i[order], p.j[order], p.shifts[order])
 
     def _valid(self, atoms: Atoms) -> bool:
         ref = self._reference

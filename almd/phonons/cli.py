@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
               f"S {e['S_J_K_mol_abs_error']:.3f} J/K/mol, C_V {e['Cv_J_K_mol_abs_error']:.3f} J/K/mol, "
               f"band MAE {e.get('band_mae_thz', float('nan')):.3f} THz, BZ MAE {e.get('bz_mae_thz', float('nan')):.3f} THz")
     if args.json_out:
-        from almd.phonons.harmonic import atomic_write
+        from almd.io import atomic_write
 
         atomic_write(Path(args.json_out), json.dumps(out, indent=1, default=_default))
     if args.plot:

@@ -21,6 +21,7 @@ from ase.calculators.calculator import Calculator as AseCalculator
 from phonopy import Phonopy
 from phonopy.structure.atoms import PhonopyAtoms
 
+from almd.io import atomic_write
 from almd.phonons._calculators import (
     calculator_label,
     compute_forces,
@@ -297,19 +298,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _at_temperature(temps: np.ndarray, values: np.ndarray, t: float) -> float:

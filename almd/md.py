@@ -1,0 +1,242 @@
+"""Walkers: ASE molecular dynamics that report their uncertainty, can be rolled back, and restart exactly.
+
+A :class:`Walker` owns one Atoms, one ASE calculator and one ASE integrator.
+Each step yields a :class:`StepRecord` (energy, temperature, the calculator's
+per-frame ``uncertainty`` when it has one, the largest force) and keeps the
+recent frames, so the trigger can pick which of them to label.
+
+Its whole dynamical state — positions, momenta, cell, step, the thermostat's
+random-number generator — is a :class:`WalkerState`, which round-trips through
+JSON exactly (Python writes the shortest repr that reads back to the same
+float). A run restored from it continues bit for bit, because ASE's Langevin
+draws its noise from that generator and the forces at a restored geometry are
+recomputed by the same deterministic model.
+
+A step whose forces are not finite or exceed ``max_force`` is a blow-up: the
+record says so, and :meth:`Walker.rollback` returns to the last trusted state
+(set with :meth:`Walker.trust`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator as AseCalculator
+from ase.md.velocitydistribution import Stationary
+
+try:  # ASE >= 3.27 renamed MaxwellBoltzmannDistribution
+    from ase.md.velocitydistribution import thermalize_momenta
+except ImportError:  # pragma: no cover
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
+
+from almd.io import atomic_write
+
+DYNAMICS = ("langevin", "nve")
+
+
+class WalkerError(ValueError):
+    """A walker setting or a saved walker state that cannot be used."""
+
+
+@dataclass(frozen=True)
+class WalkerSettings:
+    """MD settings. Times in fs, temperature in K, forces in eV/Å."""
+
+    dynamics: str = "langevin"  #: one of DYNAMICS
+    temperature: float = 300.0  #: thermostat target and initial Maxwell–Boltzmann temperature
+    timestep: float = 1.0  #: fs
+    friction: float = 0.01  #: 1/fs, Langevin only (Callsen et al.: 0.01)
+    seed: int = 0
+    max_force: float = 50.0  #: a larger force (or a non-finite one) is a blow-up
+    keep: int = 1000  #: recent frames kept for frame selection (the trigger's window)
+
+    def __post_init__(self) -> None:
+        if self.dynamics not in DYNAMICS:
+            raise WalkerError(f"dynamics = {self.dynamics!r} is not allowed; allowed: {', '.join(DYNAMICS)}")
+        for name in ("timestep", "max_force"):
+            if not getattr(self, name) > 0:
+                raise WalkerError(f"{name} = {getattr(self, name)!r} must be > 0")
+        if self.temperature < 0:
+            raise WalkerError(f"temperature = {self.temperature!r} must be >= 0 K")
+        if self.dynamics == "langevin" and not self.friction > 0:
+            raise WalkerError(f"friction = {self.friction!r} must be > 0 (1/fs) for Langevin dynamics")
+        if self.keep < 1:
+            raise WalkerError(f"keep = {self.keep!r} must be >= 1")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "WalkerSettings":
+        allowed = [f.name for f in fields(cls)]
+        for key in raw:
+            if key not in allowed:
+                raise WalkerError(f"unknown walker setting '{key}'; allowed: {', '.join(allowed)}")
+        return cls(**raw)
+
+
+@dataclass
+class WalkerState:
+    """Everything that changes during MD; JSON-exact."""
+
+    step: int
+    numbers: list[int]
+    positions: list[list[float]]
+    momenta: list[list[float]]
+    cell: list[list[float]]
+    pbc: list[bool]
+    rng: dict[str, Any] = field(default_factory=dict)  # numpy bit-generator state
+
+    @classmethod
+    def of(cls, atoms: Atoms, step: int, rng: np.random.Generator) -> "WalkerState":
+        return cls(step, atoms.numbers.tolist(), atoms.positions.tolist(), atoms.get_momenta().tolist(),
+                   atoms.cell.array.tolist(), atoms.pbc.tolist(), _jsonable(rng.bit_generator.state))
+
+    def atoms(self) -> Atoms:
+        a = Atoms(self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
+        a.set_momenta(np.array(self.momenta))
+        return a
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WalkerState":
+        raw = json.loads(text)
+        missing = [f.name for f in fields(cls) if f.name not in raw]
+        if missing:
+            raise WalkerError(f"walker state lacks {', '.join(missing)}")
+        return cls(**{f.name: raw[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    step: int
+    energy: float  #: potential energy, eV
+    temperature: float  #: K
+    max_force: float  #: eV/Å
+    score: float | None  #: the calculator's per-frame uncertainty (eV/Å), if it gives one
+    blown_up: bool = False
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A recent MD frame: what the trigger scores and the oracle labels."""
+
+    step: int
+    atoms: Atoms
+    score: float | None
+
+
+class Walker:
+    """One MD trajectory driven by an ASE calculator (``almd.Calculator``, an ensemble, or a reference)."""
+
+    def __init__(self, atoms: Atoms, calculator: AseCalculator, settings: WalkerSettings | None = None,
+                 name: str = "walker-0", state: WalkerState | None = None):
+        self.settings = s = settings or WalkerSettings()
+        self.name = name
+        self.calculator = calculator
+        self.rng = np.random.default_rng(s.seed)
+        if state is None:
+            self.atoms = atoms.copy()
+            self.step = 0
+            if not self.atoms.get_momenta().any() and s.temperature > 0:
+                thermalize_momenta(self.atoms, temperature_K=s.temperature, rng=self.rng)
+                Stationary(self.atoms)
+        else:
+            self.atoms, self.step = state.atoms(), state.step
+            self.rng.bit_generator.state = state.rng
+            if self.atoms.numbers.tolist() != atoms.numbers.tolist():
+                raise WalkerError(f"{name}: the saved state has other atoms than the structure given")
+        self.atoms.calc = calculator
+        self.dynamics = self._integrator()
+        self.frames: deque[Frame] = deque(maxlen=s.keep)
+        self._trusted = self.state()
+
+    def _integrator(self):
+        s = self.settings
+        if s.dynamics == "langevin":
+            from ase.md.langevin import Langevin
+
+            # fixcm=False: the deprecated centre-of-mass fix does not sample NVT correctly
+            return Langevin(self.atoms, s.timestep * units.fs, temperature_K=s.temperature,
+                            friction=s.friction / units.fs, fixcm=False, rng=self.rng)
+        from ase.md.verlet import VelocityVerlet
+
+        return VelocityVerlet(self.atoms, s.timestep * units.fs)
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> WalkerState:
+        return WalkerState.of(self.atoms, self.step, self.rng)
+
+    def restore(self, state: WalkerState) -> None:
+        """Put the walker back into ``state`` (same atoms), keeping its calculator."""
+        if state.numbers != self.atoms.numbers.tolist():
+            raise WalkerError(f"{self.name}: the state belongs to other atoms")
+        self.atoms.set_cell(state.cell)
+        self.atoms.set_positions(np.array(state.positions))
+        self.atoms.set_momenta(np.array(state.momenta))
+        self.atoms.pbc = state.pbc
+        self.rng.bit_generator.state = state.rng
+        self.step = state.step
+        self.frames = deque((f for f in self.frames if f.step <= state.step), maxlen=self.settings.keep)
+
+    def trust(self) -> None:
+        """Mark the current state as one to roll back to."""
+        self._trusted = self.state()
+
+    def rollback(self) -> WalkerState:
+        """Return to the last trusted state (after a blow-up or an emergency brake)."""
+        self.restore(self._trusted)
+        return self._trusted
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write(path, self.state().to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, atoms: Atoms, calculator: AseCalculator,
+             settings: WalkerSettings | None = None, name: str = "walker-0") -> "Walker":
+        with open(path) as fh:
+            state = WalkerState.from_json(fh.read())
+        return cls(atoms, calculator, settings, name, state=state)
+
+    # ---------------------------------------------------------------- dynamics
+    def advance(self) -> StepRecord:
+        """One MD step. A blow-up is reported, not raised; the caller decides (usually rollback)."""
+        with np.errstate(all="ignore"):
+            self.dynamics.step()
+        self.step += 1
+        return self._record()
+
+    def _record(self) -> StepRecord:
+        forces = self.atoms.get_forces()
+        energy = float(self.atoms.get_potential_energy())
+        fmax = float(np.sqrt((forces**2).sum(1)).max()) if len(forces) else 0.0
+        blown = not (np.isfinite(fmax) and np.isfinite(energy) and np.isfinite(self.atoms.positions).all()) \
+            or fmax > self.settings.max_force
+        score = self.calculator.results.get("uncertainty")
+        score = None if score is None else float(score)
+        self.frames.append(Frame(self.step, self.atoms.copy(), score))
+        return StepRecord(self.step, energy, float(self.atoms.get_temperature()), fmax, score, bool(blown))
+
+    def run(self, steps: int, on_step: Callable[[StepRecord], bool | None] | None = None) -> Iterator[StepRecord]:
+        """Advance ``steps`` steps, yielding each record; ``on_step`` returning False stops early."""
+        for _ in range(steps):
+            record = self.advance()
+            yield record
+            if on_step is not None and on_step(record) is False:
+                return
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy bit-generator states hold numpy ints and arrays; JSON wants plain types."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
