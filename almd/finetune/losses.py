@@ -41,21 +41,24 @@ def efs_terms(potential: Potential, samples: list[Sample], dtype: torch.dtype,
     want_stress = _want_stress(samples)
     graph = _graph(potential, samples, dtype)
     out = energy_forces_stress(potential, graph, forces=True, stress=want_stress, create_graph=create_graph)
-    return _efs_from(out, samples, dtype, huber, want_stress)
+    return _efs_from(out, samples, dtype, huber, want_stress)[0]
 
 
 def _want_stress(samples: list[Sample]) -> bool:
     return any(s.stress is not None for s in samples) and all(s.atoms.pbc.all() for s in samples)
 
 
-def _efs_from(out: dict[str, torch.Tensor], samples: list[Sample], dtype: torch.dtype,
-              huber: float | None, want_stress: bool) -> dict[str, torch.Tensor]:
+def _efs_from(out: dict[str, torch.Tensor], samples: list[Sample], dtype: torch.dtype, huber: float | None,
+              want_stress: bool) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The terms, and how many entries each averages over (to merge terms of two batches exactly)."""
     terms: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     idx = [k for k, s in enumerate(samples) if s.energy is not None]
     if idx:
         n = torch.as_tensor([len(samples[k].atoms) for k in idx], dtype=dtype)
         target = torch.as_tensor([samples[k].energy for k in idx], dtype=dtype)
         terms["energy"] = _penalty((out["energy"][idx] - target) / n, huber)
+        counts["energy"] = len(idx)
     start, pred, ref = 0, [], []
     for s in samples:
         n = len(s.atoms)
@@ -70,36 +73,53 @@ def _efs_from(out: dict[str, torch.Tensor], samples: list[Sample], dtype: torch.
             terms["forces"] = torch.sqrt((diff**2).sum(-1) + 1e-20).mean()
         else:
             terms["forces"] = _penalty(diff, huber)
+        counts["forces"] = diff.shape[0] if huber is None else diff.numel()
     idx = [k for k, s in enumerate(samples) if s.stress is not None]
     if idx and want_stress:
         target = torch.as_tensor(np.stack([samples[k].stress for k in idx]), dtype=dtype)
         terms["stress"] = _penalty(out["stress"][idx] - target, huber)
-    return terms
+        counts["stress"] = target.numel()
+    return terms, counts
 
 
 def pft_terms(potential: Potential, samples: list[Sample], columns: list[int | None], dtype: torch.dtype,
               create_graph: bool = True) -> dict[str, torch.Tensor]:
-    """The EFS terms (MAE form) and the Hessian-column term of one batch, from one forward.
+    """The EFS terms (MAE form) and the Hessian-column term of one batch.
 
     ``columns[k]`` is the Hessian column drawn for sample k (None: no Hessian
-    term for it). Equal to :func:`efs_terms` plus :func:`hessian_term`, at the
-    cost of one network forward instead of two.
+    term for it). Equal to :func:`efs_terms` plus :func:`hessian_term`, but
+    the structures with a column get their EFS terms from the same forward as
+    the column; the others go through a plain EFS pass, because carrying them
+    through the Hessian-vector product would make the costly third-order
+    backward cross them too.
     """
+    with_column = [k for k, j in enumerate(columns) if j is not None]
+    phonon = [samples[k] for k in with_column]
+    rest = [s for k, s in enumerate(samples) if columns[k] is None]
     want_stress = _want_stress(samples)
-    graph = _graph(potential, samples, dtype)
-    vectors = torch.zeros_like(graph.positions)
-    flat, start, picked = vectors.view(-1), 0, []
-    for s, j in zip(samples, columns):
-        if j is not None:
-            flat[3 * start + j] = 1.0
-            picked.append((start, s, j))
-        start += len(s.atoms)
-    out = energy_forces_stress_hvp(potential, graph, vectors, stress=want_stress, create_graph=create_graph)
-    terms = _efs_from(out, samples, dtype, None, want_stress)
-    if picked:
+    terms, counts, errors = {}, {}, []
+    if phonon:
+        graph = _graph(potential, phonon, dtype)
+        vectors = torch.zeros_like(graph.positions)
+        flat, start, picked = vectors.view(-1), 0, []
+        for s, k in zip(phonon, with_column):
+            flat[3 * start + columns[k]] = 1.0
+            picked.append((start, s, columns[k]))
+            start += len(s.atoms)
+        out = energy_forces_stress_hvp(potential, graph, vectors, stress=want_stress, create_graph=create_graph)
+        terms, counts = _efs_from(out, phonon, dtype, None, want_stress)
         hv = out["hessian_vector"].reshape(-1)
         errors = [(hv[3 * a:3 * (a + len(s.atoms))] - torch.as_tensor(s.hessian[:, j], dtype=dtype)).abs().mean()
                   for a, s, j in picked]
+    if rest:
+        graph = _graph(potential, rest, dtype)
+        out = energy_forces_stress(potential, graph, forces=True, stress=want_stress, create_graph=create_graph)
+        more, more_counts = _efs_from(out, rest, dtype, None, want_stress)
+        for key, value in more.items():  # the mean over the whole batch, as one pass would give
+            n0, n1 = counts.get(key, 0), more_counts[key]
+            terms[key] = value if n0 == 0 else (terms[key] * n0 + value * n1) / (n0 + n1)
+            counts[key] = n0 + n1
+    if errors:
         terms["hessian"] = torch.stack(errors).mean()
     return terms
 
