@@ -36,17 +36,22 @@ Each model is then scored on
 How to run (1 thread per process; everything cached under OUT, a rerun skips
 finished stages and resumes interrupted trainings from their checkpoints):
 
-    python benchmarks/bench_forgetting.py all [--steps 30] [--out /work/runs/forget]
+    python benchmarks/bench_forgetting.py all [--steps 10] [--out /work/runs/forget]
     # or in parallel, one process per variant:
     python benchmarks/bench_forgetting.py data
     python benchmarks/bench_forgetting.py train none &   # ... self, file
     python benchmarks/bench_forgetting.py report
     python benchmarks/bench_forgetting.py measure        # seconds per training step of each variant
+    # equal smaller budget when the slowest run cannot finish: EMA weights of a checkpoint
+    python benchmarks/bench_forgetting.py snapshot self --checkpoint OUT/self/checkpoint_step5.pt
 
-Writes OUT/results.json and prints the table. Budget: 30 PFT steps (validation every
-10), chosen from the step times measured on the shared 2-core machine (load ~10:
-~12 CPU-s per plain PFT step, ~2.5x that with self-distilled 64-atom replay) so
-that the three fine-tunes finish in about an hour of wall time in parallel.
+Writes OUT/results.json and prints the table. Budget: 10 PFT steps (validation at
+0 and 10), chosen from the step times measured on the shared 2-core machine on
+2026-11-22 (load 11-14, one nice -10 job taking a core: 150-330 s wall per plain
+PFT step, ~12 CPU-s; self-distilled 64-atom replay adds 4 EFS passes on 64 atoms,
+~2.5x; the other-materials replay ~+10 %) so that the three fine-tunes finish
+within about an hour in parallel. On a free machine use --steps 30 or more: the
+Si gain grows with steps (examples/pft_silicon.py: 83 % after 90 steps).
 """
 
 from __future__ import annotations
@@ -229,6 +234,39 @@ def stage_measure(out: Path, steps: int = 2) -> dict[str, float]:
     return times
 
 
+def stage_snapshot(variant: str, out: Path, checkpoint: Path) -> dict[str, Any]:
+    """Export the EMA weights of a training checkpoint (no validation-based selection).
+
+    Used to compare variants at an equal, smaller step budget when the slowest run
+    cannot reach the full one: every variant is taken at the same step, EMA weights.
+    """
+    import torch
+
+    from almd import potentials
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    step = int(state["step"])
+    done = out / variant / f"train_step{step}.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    pot = potentials.load(state["config"]["model"]["name"])  # strategy "full": same modules as the base
+    pot.load_state_dict(state["model"])
+    params = dict(pot.named_parameters())
+    with torch.no_grad():
+        for k, v in state["ema"]["shadow"].items():
+            params[k].copy_(v)
+    model = potentials.save(pot.float(), out / variant / f"model_step{step}_ema.pt", snapshot_of=str(checkpoint))
+    plain = [h["seconds"] for h in state["history"] if "val_loss" not in h]
+    log = out / variant / "log.json"  # shifts are in the weights already; recorded for the energy comparison
+    shifts = json.loads(log.read_text()).get("energy_shifts", {}) if log.exists() else {}
+    info = {"variant": variant, "steps": step, "model": str(model), "best_step": f"{step} (EMA)",
+            "steps_done": step, "energy_shifts": shifts, "seconds_per_step_median": float(np.median(plain)),
+            "replay_structures": None, "history": state["history"]}
+    done.write_text(json.dumps(info, indent=1))
+    print(f"{variant}: step {step} EMA weights -> {model}", flush=True)
+    return info
+
+
 # ------------------------------------------------------------------ evaluation
 def _si_held_out(out: Path):
     """The DFT displaced supercells the Si fine-tunes held out (same split in every variant)."""
@@ -308,15 +346,20 @@ def stage_report(out: Path, steps: int) -> dict[str, Any]:
     results: dict[str, Any] = {"steps": steps, "scale": set_scale(out), "models": {}}
     base = evaluate("sevennet-0", out, "base", {})
     results["models"]["SevenNet-0"] = {"si": base["si"], "all": summarise(base["rows"])}
+    runs = []  # (key, train info file, eval cache key)
     for variant in VARIANTS:
-        done = out / variant / "train.json"
-        if not done.exists():
-            print(f"{variant}: not trained, skipped", flush=True)
-            continue
+        if (out / variant / "train.json").exists():
+            runs.append((variant, out / variant / "train.json", variant))
+        else:
+            print(f"{variant}: not trained to the full budget", flush=True)
+        for snap in sorted((out / variant).glob("train_step*.json")) if (out / variant).exists() else []:
+            k = snap.stem.removeprefix("train_step")
+            runs.append((f"{variant}@{k}", snap, f"{variant}_step{k}"))
+    for key, done, cache in runs:
         info = json.loads(done.read_text())
         shifts = {int(k): v for k, v in info["energy_shifts"].items()}
-        ev = evaluate(info["model"], out, variant, shifts)
-        results["models"][variant] = {
+        ev = evaluate(info["model"], out, cache, shifts)
+        results["models"][key] = {
             "si": ev["si"], "all": summarise(ev["rows"]),
             "in_replay": summarise(ev["rows"], lambda m: m not in NOT_IN_REPLAY),
             "not_in_replay": summarise(ev["rows"], lambda m: m in NOT_IN_REPLAY),
@@ -342,8 +385,10 @@ def print_table(results: dict[str, Any]) -> None:
     print("|" + "---|" * 13)
     for key, m in results["models"].items():
         a, si = m["all"], m["si"]
+        variant, _, at = key.partition("@")
+        label = names[variant] + (f", {at} steps, EMA weights" if at else "")
         nr = m.get("not_in_replay", {}).get("forces_meV_A", 0.0)
-        print(f"| {names[key]} | {a['energy_meV_atom']:.2f} | {a['forces_meV_A']:.2f} | "
+        print(f"| {label} | {a['energy_meV_atom']:.2f} | {a['forces_meV_A']:.2f} | "
               f"{a['forces_meV_A'] / sc['rms_force_meV_A']:.3f} | {a['stress_GPa']:.3f} | {nr:.2f} | "
               f"{si['omega_max_K_abs_error']:.1f} | {si['F_kJ_mol_abs_error']:.2f} | {si['S_J_K_mol_abs_error']:.2f} | "
               f"{si['Cv_J_K_mol_abs_error']:.2f} | {si['held_out_force_mae_meV_A']:.2f} | "
@@ -352,9 +397,10 @@ def print_table(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=("all", "data", "train", "measure", "report"))
-    p.add_argument("variant", nargs="?", choices=VARIANTS, help="for 'train'")
-    p.add_argument("--steps", type=int, default=30, help="fixed PFT step budget, the same for every variant")
+    p.add_argument("stage", choices=("all", "data", "train", "snapshot", "measure", "report"))
+    p.add_argument("variant", nargs="?", choices=VARIANTS, help="for 'train' and 'snapshot'")
+    p.add_argument("--checkpoint", type=Path, help="for 'snapshot': a training checkpoint whose EMA weights to export")
+    p.add_argument("--steps", type=int, default=10, help="fixed PFT step budget, the same for every variant")
     p.add_argument("--out", type=Path, default=Path("/work/runs/forget"))
     args = p.parse_args(argv)
 
@@ -370,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.variant is None:
             p.error("train needs a variant: " + ", ".join(VARIANTS))
         stage_train(args.variant, args.out, args.steps)
+    if args.stage == "snapshot":
+        if args.variant is None or args.checkpoint is None:
+            p.error("snapshot needs a variant and --checkpoint")
+        stage_snapshot(args.variant, args.out, args.checkpoint)
     if args.stage == "all":
         for v in VARIANTS:
             stage_train(v, args.out, args.steps)
