@@ -138,6 +138,11 @@ def test_refit_and_calibration_from_a_label_database(fitted, tmp_path):
     ens.calibrate(db)
     ens.calibrate(db)  # idempotent
     assert ens.calibration.n_components == 3 * 8 * n_val
+    assert len(ens.calibration.atom_u2) == 8 * n_val  # per-atom rows kept for the model-form fit
+    ens.calibration.force_term = True  # switching it on refits (s, a) from the rows already seen
+    pred = ens.predict(si8(0.1, seed=50))
+    assert ens.calibration.relative >= 0 and np.all(pred["forces_std"] >= ens.calibration.scale * pred["forces_std_raw"] - 1e-12)
+    ens.calibration.force_term = False
 
 
 def test_save_load_round_trip(fitted, tmp_path):
@@ -241,3 +246,26 @@ def test_unsupported_backbone_is_named():
 
     with pytest.raises(NotImplementedError, match="toy"):
         Ensemble(Toy(), k=2)
+
+
+def test_calibration_model_form_term():
+    # errors from σ² = (s·u)² + a²|F|²/3: the likelihood fit recovers (s, a), and the
+    # calibrated σ then ranks frames by force magnitude where the spread cannot
+    rng = np.random.default_rng(1)
+    n = 3000
+    u = rng.uniform(0.002, 0.01, n)
+    forces = rng.standard_normal((n, 3)) * rng.uniform(0.2, 1.5, (n, 1))
+    f2 = (forces**2).sum(1) / 3
+    errors = np.sqrt((2.0 * u) ** 2 + 0.05**2 * f2)[:, None] * rng.standard_normal((n, 3))
+    cal = Calibration(force_term=True)
+    for chunk in np.array_split(np.arange(n), 5):  # refitted as labels arrive
+        cal.update(errors[chunk], u[chunk, None], forces=forces[chunk])
+    assert cal.scale == pytest.approx(2.0, rel=0.15) and cal.relative == pytest.approx(0.05, rel=0.1)
+    sigma = cal.sigma(u, forces)
+    assert sigma.shape == (n,) and coverage(errors, sigma[:, None]) == pytest.approx(0.683, abs=0.02)
+    assert cal.score(0.0, sigma, "mean") == pytest.approx(sigma.mean())
+    back = Calibration.from_state_dict(cal.state_dict())
+    assert back.relative == pytest.approx(cal.relative)
+    cal.fit = "quantile"
+    assert coverage(errors, cal.sigma(u, forces)[:, None]) == pytest.approx(0.683, abs=0.005)
+    assert Calibration().relative == 0.0 and Calibration().sigma(u, forces) is not None

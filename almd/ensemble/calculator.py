@@ -60,8 +60,9 @@ class EnsembleCalculator(Calculator):
             members = res["forces"]
             spread = per_atom_spread(members)
             raw = frame_score(spread, ens.score)
-            self._last = {"forces_std_raw": spread, "forces_std": ens.calibration.sigma(spread),
-                          "uncertainty_raw": raw, "uncertainty": ens.calibration.score(raw),
+            sigma = ens.calibration.sigma(spread, members.mean(0))
+            self._last = {"forces_std_raw": spread, "forces_std": sigma,
+                          "uncertainty_raw": raw, "uncertainty": ens.calibration.score(raw, sigma, ens.score),
                           "member_forces": members, "uncertainty_age": 0}
             for key in res:
                 res[key] = res[key].mean(0)
