@@ -13,11 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from almd.config import ConfigError, _section
 from almd.potentials.adapters import STRATEGIES
-
-
-class ConfigError(ValueError):
-    """A fine-tuning setting is unknown or has a bad value."""
 
 
 @dataclass
@@ -153,37 +150,3 @@ class FinetuneConfig:
     @property
     def co_training(self) -> bool:
         return bool(self.data.replay) and self.loss.replay_ratio > 0
-
-
-def _section(name: str, cls: type, raw: Any) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"[{name}] must be a table, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    allowed = list(hints)
-    values = {}
-    for key, value in raw.items():
-        if key not in hints:
-            raise ConfigError(f"unknown key '{name}.{key}'; allowed in [{name}]: {', '.join(allowed)}")
-        values[key] = _coerce(f"{name}.{key}", hints[key], value)
-    return cls(**values)
-
-
-def _coerce(key: str, hint: Any, value: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key} = {value!r}: expected a list of strings")
-        return list(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r}: expected true or false")
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{key} = {value!r}: expected {getattr(hint, '__name__', hint)}")

@@ -1,0 +1,334 @@
+"""The active-learning loop: walkers → uncertainty → trigger → oracle → dataset → ensemble → walkers.
+
+A :class:`Campaign` runs MD walkers on the ensemble's member mean; each step's
+per-frame uncertainty goes to that walker's :class:`~almd.trigger.Trigger`.
+When the trigger calls, the walker's recent frames are ranked and
+de-duplicated (:func:`~almd.trigger.select_frames`), labelled by the
+:class:`~almd.oracle.Oracle` into the campaign's
+:class:`~almd.dataset.LabelDatabase`, and the ensemble's heads are refitted on
+the training split and recalibrated on the held-out split; MD then goes on
+with the new model. An emergency brake rolls the walker back to its last
+trusted frame and labels the offending frame at once.
+
+Everything lives in ``run.output``: ``labels.db`` (every reference
+calculation, as soon as it finishes), ``ensemble.pt``, one ``walker-K.json``
+and ``trigger-K.json`` per walker, ``campaign.json`` and ``steps.csv``. A
+killed campaign started again resumes from the last checkpoint; steps after
+it are re-run, and any reference calculation they call again is read back
+from the database, never recomputed or lost.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+
+from almd.config import CampaignConfig
+from almd.io import atomic_write
+from almd.md import Frame, StepRecord, Walker
+from almd.trigger import Decision, Trigger, select_frames
+
+STEP_FIELDS = ("walker", "step", "energy", "temperature", "max_force", "score", "action", "reasons",
+               "rolling_mean", "labels", "model_version")
+
+
+def starting_structure(config: CampaignConfig) -> Atoms:
+    """The campaign's start: a built-in crystal or a file, repeated, optionally rattled."""
+    s = config.system
+    if s.structure == "si":
+        from ase.build import bulk
+
+        atoms = bulk("Si", "diamond", a=5.431, cubic=True)
+    else:
+        from ase.io import read
+
+        atoms = read(s.structure)
+    atoms = atoms.repeat(s.supercell * 3 if len(s.supercell) == 1 else s.supercell)
+    if s.rattle > 0:
+        atoms.rattle(s.rattle, seed=config.md.seed)
+    return atoms
+
+
+@dataclass
+class CampaignResult:
+    steps: dict[int, int]  #: MD steps done per walker
+    labels: int  #: reference calculations stored (ok)
+    failures: int  #: reference calculations that failed (recorded, not used)
+    calls: int  #: trigger calls, brakes included
+    brakes: int
+    converged: bool
+    model_version: int
+    seconds: float
+    output: Path
+
+    def summary(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["output"] = str(self.output)
+        return d
+
+
+class Campaign:
+    """An on-the-fly learning MD campaign (see module docstring)."""
+
+    def __init__(self, config: CampaignConfig):
+        from almd.dataset import LabelDatabase
+        from almd.oracle import Oracle
+
+        self.config = cfg = config
+        self.output = Path(cfg.run.output)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.database = LabelDatabase(self.output / "labels.db", cfg.learning.validation_fraction)
+        ref = cfg.reference
+        self.oracle = Oracle(ref.calculator, timeout=ref.timeout, retries=ref.retries, database=self.database,
+                             workdir=self.output / "oracle-runs", **ref.options)
+        self.start = starting_structure(cfg)
+        state = self._read_state()
+        self.model_version = state.get("model_version", 0)
+        self.calls, self.brakes = state.get("calls", 0), state.get("brakes", 0)
+        # frames at or before a walker's last call were ranked then; later calls look only after it
+        self.last_call = {int(k): v for k, v in state.get("last_call", {}).items()}
+        self.ensemble = self._ensemble()
+        self.walkers = [self._walker(k) for k in range(cfg.run.walkers)]
+        self.triggers = [self._trigger(k) for k in range(cfg.run.walkers)]
+        for w in self.walkers:
+            _restart_uncertainty(w)
+
+    # ------------------------------------------------------------ set-up / resume
+    def _read_state(self) -> dict[str, Any]:
+        path = self.output / "campaign.json"
+        if not path.exists():
+            return {}
+        state = json.loads(path.read_text())
+        if _resumable(state.get("config", {})) != _resumable(self.config.to_dict()):
+            from almd.config import ConfigError
+
+            raise ConfigError(f"{self.output} holds a campaign with other settings; "
+                              "use a new run.output or the same campaign file to resume")
+        return state
+
+    def _ensemble(self):
+        from almd.ensemble import Ensemble
+
+        path = self.output / "ensemble.pt"
+        if path.exists():
+            return Ensemble.load(path)
+        m, le = self.config.model, self.config.learning
+        rng = np.random.default_rng(self.config.md.seed)
+        frames = [self.start]
+        for _ in range(le.initial_labels + le.initial_calibration - 1):  # the start and rattled copies
+            a = self.start.copy()
+            a.positions += rng.normal(0.0, le.initial_rattle, a.positions.shape)
+            frames.append(a)
+        splits = ["train"] * le.initial_labels + ["validation"] * le.initial_calibration
+        labelled = self._label(frames, walker=-1, step=0, reason="initial", splits=splits)
+        if not any(a.info["split"] == "train" for a in labelled):
+            raise RuntimeError(f"no initial reference calculation succeeded; the failures are recorded in "
+                               f"{self.database.path} (LabelDatabase.failures())")
+        ens = Ensemble(m.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
+        self._refit(ens, labelled)
+        return ens
+
+    def _calculator(self):
+        from almd.ensemble import EnsembleCalculator
+
+        m = self.config.model
+        return EnsembleCalculator(self.ensemble, uncertainty_every=m.uncertainty_every, dtype=m.dtype)
+
+    def _walker(self, k: int) -> Walker:
+        path = self.output / f"walker-{k}.json"
+        settings = self.config.md
+        if k > 0:  # independent trajectories: each walker its own seed
+            from dataclasses import replace
+
+            settings = replace(settings, seed=settings.seed + 1000 * k)
+        if path.exists():
+            return Walker.load(path, self.start, self._calculator(), settings, name=f"walker-{k}")
+        return Walker(self.start, self._calculator(), settings, name=f"walker-{k}")
+
+    def _trigger(self, k: int) -> Trigger:
+        path = self.output / f"trigger-{k}.json"
+        return Trigger.from_json(path.read_text()) if path.exists() else Trigger(self.config.trigger)
+
+    # ------------------------------------------------------------ learning
+    def _label(self, frames: list[Atoms], walker: int, step: int, reason: str,
+               scores: list[float | None] | None = None, splits: list[str] | None = None) -> list[Atoms]:
+        """Reference calculations for ``frames``, every outcome stored; returns the successful ones as
+        stored (labels, ``info['split']``). A label already in the database is read back, not recomputed."""
+        scores = scores or [None] * len(frames)
+        splits = splits or [None] * len(frames)
+        provenance = [{"walker": walker, "step": step, "source": reason, "model_version": self.model_version,
+                       **({} if s is None else {"uncertainty": float(s)}), **({} if sp is None else {"split": sp})}
+                      for s, sp in zip(scores, splits)]
+        results = self.oracle.label_many(frames, provenance=provenance)
+        rows = [self.database.lookup(r.content_hash) for r in results if r.ok]
+        return [self.database.row_to_atoms(row) for row in rows if row is not None]
+
+    def _refit(self, ensemble, labelled: list[Atoms]) -> None:
+        """Heads refitted with the new training labels; calibration updated with the held-out ones.
+
+        Only the labels of this call are added (not whatever else the database
+        holds), so a resumed run refits exactly as the uninterrupted one did.
+        """
+        train = [a for a in labelled if a.info["split"] == "train"]
+        held_out = [a for a in labelled if a.info["split"] != "train"]
+        if train:
+            ensemble.fit(train, append=True)
+        if held_out:
+            ensemble.calibrate(held_out)
+        self.model_version += 1
+
+    def _learn(self, k: int, decision: Decision, brake_frame: Frame | None) -> None:
+        walker = self.walkers[k]
+        after, self.last_call[k] = self.last_call.get(k, -1), decision.step
+        if brake_frame is not None:
+            frames, scores = [brake_frame.atoms], [brake_frame.score]
+            reason = "brake"
+        else:
+            recent = [f for f in walker.frames if f.score is not None and f.step > after]
+            picked = select_frames([f.score for f in recent], [f.atoms for f in recent],
+                                   self.config.learning.frames_per_call, self.config.learning.min_distance)
+            frames, scores = [recent[i].atoms for i in picked], [recent[i].score for i in picked]
+            reason = ",".join(decision.reasons)
+        for a in frames:  # the walker's calculator results must not travel with the frame
+            a.calc = None
+        labelled = self._label(frames, k, decision.step, reason, scores)
+        if labelled:
+            self._refit(self.ensemble, labelled)
+            for w in self.walkers:  # forces from the new model from here on
+                _restart_uncertainty(w)
+
+    # ------------------------------------------------------------ the loop
+    def step(self, k: int) -> tuple[StepRecord, Decision]:
+        walker, trigger = self.walkers[k], self.triggers[k]
+        record = walker.advance()
+        score = float("inf") if record.blown_up else (record.score if record.score is not None else float("nan"))
+        decision = trigger.update(record.step, score)
+        if decision.stop:
+            offending = walker.frames[-1]
+            walker.rollback()
+            _restart_uncertainty(walker)
+            self.calls, self.brakes = self.calls + 1, self.brakes + 1
+            self._learn(k, decision, offending)
+        elif decision.call:
+            self.calls += 1
+            self._learn(k, decision, None)
+        elif not decision.reasons:
+            walker.trust()
+        return record, decision
+
+    def checkpoint(self) -> None:
+        """Everything needed to resume, each file written atomically; the ensemble first."""
+        self.ensemble.save(self.output / "ensemble.pt")
+        for k, (w, t) in enumerate(zip(self.walkers, self.triggers)):
+            w.save(self.output / f"walker-{k}.json")
+            atomic_write(self.output / f"trigger-{k}.json", t.to_json())
+        atomic_write(self.output / "campaign.json", json.dumps({
+            "config": self.config.to_dict(), "model_version": self.model_version, "calls": self.calls,
+            "brakes": self.brakes, "last_call": self.last_call,
+            "steps": {w.name: w.step for w in self.walkers}}, indent=1))
+
+    def run(self) -> CampaignResult:
+        """Run every walker to ``run.steps`` (or until its trigger reports convergence)."""
+        from tqdm import tqdm
+
+        cfg = self.config.run
+        t0 = time.perf_counter()
+        log_path = self.output / "steps.csv"
+        new_log = not log_path.exists()
+        if not new_log:  # resumed: steps after the checkpoint are re-run, so their old rows go
+            _truncate_log(log_path, {k: w.step for k, w in enumerate(self.walkers)})
+        total = cfg.steps * len(self.walkers)
+        done = sum(w.step for w in self.walkers)
+        with open(log_path, "a", newline="") as fh, \
+                tqdm(total=total, initial=done, disable=not cfg.progress, desc="almd run", unit="step") as bar:
+            log = csv.DictWriter(fh, STEP_FIELDS)
+            if new_log:
+                log.writeheader()
+            active = [k for k, w in enumerate(self.walkers) if w.step < cfg.steps and not self.triggers[k].converged]
+            while active:
+                for k in list(active):
+                    record, decision = self.step(k)
+                    log.writerow({"walker": k, "step": record.step, "energy": record.energy,
+                                  "temperature": record.temperature, "max_force": record.max_force,
+                                  "score": record.score, "action": decision.action.value,
+                                  "reasons": "+".join(decision.reasons), "rolling_mean": decision.rolling_mean,
+                                  "labels": len(self.database), "model_version": self.model_version})
+                    bar.update(1 if not decision.stop else 0)
+                    bar.set_postfix(labels=len(self.database), score=f"{record.score or 0:.3g}")
+                    w = self.walkers[k]
+                    if w.step % cfg.checkpoint_every == 0 and not decision.stop:
+                        fh.flush()
+                        self.checkpoint()
+                    if w.step >= cfg.steps or self.triggers[k].converged:
+                        active.remove(k)
+            fh.flush()
+            self.checkpoint()
+        failures = len(self.database.failures())
+        return CampaignResult({k: w.step for k, w in enumerate(self.walkers)}, len(self.database) - failures,
+                              failures, self.calls, self.brakes, all(t.converged for t in self.triggers),
+                              self.model_version, time.perf_counter() - t0, self.output)
+
+
+def _resumable(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed campaign must share with the stored one (it may run longer, or quieter)."""
+    run = {k: v for k, v in config.get("run", {}).items() if k not in ("steps", "progress")}
+    return {**config, "run": run}
+
+
+def _restart_uncertainty(walker: Walker) -> None:
+    """Forget cached results and align the calculator's uncertainty schedule with the walker's step,
+    so the spread is evaluated at the same steps whether or not the run was interrupted."""
+    calc = walker.calculator
+    calc.reset()
+    if hasattr(calc, "uncertainty_every"):
+        calc.calls, calc._last = walker.step, None
+
+
+def _truncate_log(path: Path, steps: dict[int, int]) -> None:
+    with open(path, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= steps.get(int(r["walker"]), 0)]
+    with open(path, "w", newline="") as fh:
+        log = csv.DictWriter(fh, STEP_FIELDS)
+        log.writeheader()
+        log.writerows(rows)
+
+
+def run(config: CampaignConfig | str | Path) -> CampaignResult:
+    """Run (or resume) the campaign of a config or a TOML file."""
+    if not isinstance(config, CampaignConfig):
+        config = CampaignConfig.from_toml(config)
+    return Campaign(config).run()
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``almd run``."""
+    import argparse
+    import dataclasses
+
+    from almd.config import ConfigError
+
+    p = argparse.ArgumentParser(prog="almd run", description="Run or resume an active-learning MD campaign. "
+                                "Without a file: the built-in Si campaign (SevenNet-0 ensemble, Stillinger–Weber reference).")
+    p.add_argument("campaign", nargs="?", help="campaign TOML ([system] [model] [reference] [md] [trigger] [learning] [run])")
+    p.add_argument("--steps", type=int, help="override run.steps")
+    p.add_argument("--output", help="override run.output")
+    args = p.parse_args(argv)
+    try:
+        cfg = CampaignConfig.from_toml(args.campaign) if args.campaign else CampaignConfig()
+        overrides = {k: v for k, v in (("steps", args.steps), ("output", args.output)) if v is not None}
+        if overrides:
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
+            cfg.validate()
+        result = Campaign(cfg).run()
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"almd run: error: {exc}")
+        return 2
+    print(json.dumps(result.summary(), indent=1))
+    return 0

@@ -1,0 +1,190 @@
+"""The campaign file (TOML) → typed, validated settings.
+
+An unknown section or key, or a value of the wrong kind, is an error that names
+the key, the value and what is allowed — before anything is loaded or run.
+The MD and trigger sections are the walker's and the trigger's own settings
+classes, so their checks (and their names) are the ones used here.
+
+A minimal campaign::
+
+    [system]
+    structure = "si"            # a built-in crystal or any file ASE reads
+    supercell = [2, 2, 2]
+    [reference]
+    calculator = "stillinger-weber-si"   # an oracle preset, "module:Class", or a table
+    [md]
+    temperature = 900
+    [run]
+    steps = 400
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from almd.md import WalkerSettings
+from almd.trigger import TriggerSettings
+
+BUILTIN_STRUCTURES = ("si",)
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a bad value."""
+
+
+@dataclass
+class SystemConfig:
+    structure: str = "si"  #: a built-in name (BUILTIN_STRUCTURES) or a structure file
+    supercell: list[int] = field(default_factory=lambda: [2, 2, 2])
+    rattle: float = 0.0  #: Å, Gaussian displacement of the starting structure
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "sevennet-0"  #: pretrained name or model file (almd.potentials.load)
+    members: int = 4  #: ensemble size K
+    score: str = "max"  #: per-frame score over atoms: max | mean | rms
+    uncertainty_every: int = 1  #: evaluate the member spread on every n-th MD step
+    dtype: str = "float32"
+
+
+@dataclass
+class ReferenceConfig:
+    calculator: str = "stillinger-weber-si"  #: oracle preset or "module:Class"
+    options: dict[str, Any] = field(default_factory=dict)  #: keyword arguments of the calculator
+    timeout: float = 3600.0  #: s per attempt
+    retries: int = 1
+
+
+@dataclass
+class LearningConfig:
+    initial_labels: int = 4  #: training labels before MD: the start and rattled copies
+    initial_calibration: int = 2  #: rattled copies labelled and held out for the calibration
+    initial_rattle: float = 0.05  #: Å
+    frames_per_call: int = 1  #: frames labelled per trigger call
+    min_distance: float = 0.05  #: Å, frames closer than this to a chosen one are skipped
+    validation_fraction: float = 0.25  #: labels held out for calibration
+
+
+@dataclass
+class RunConfig:
+    steps: int = 400  #: MD steps per walker
+    walkers: int = 1
+    checkpoint_every: int = 50  #: steps
+    output: str = "almd-run"
+    progress: bool = True
+
+
+@dataclass
+class CampaignConfig:
+    system: SystemConfig = field(default_factory=SystemConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    md: WalkerSettings = field(default_factory=WalkerSettings)
+    trigger: TriggerSettings = field(default_factory=TriggerSettings)
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "CampaignConfig":
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(raw) - set(hints))
+        if unknown:
+            raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(hints)}")
+        cfg = cls(**{name: _section(name, hints[name], raw.get(name, {})) for name in hints})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "CampaignConfig":
+        with open(path, "rb") as fh:
+            try:
+                raw = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        def bad(key: str, value: Any, allowed: str) -> ConfigError:
+            return ConfigError(f"{key} = {value!r} is not allowed; {allowed}")
+
+        s, m, le, r = self.system, self.model, self.learning, self.run
+        if s.structure not in BUILTIN_STRUCTURES and not Path(s.structure).exists():
+            raise bad("system.structure", s.structure,
+                      f"give a built-in ({', '.join(BUILTIN_STRUCTURES)}) or an existing structure file")
+        if len(s.supercell) not in (1, 3) or min(s.supercell) < 1:
+            raise bad("system.supercell", s.supercell, "one or three integers >= 1")
+        if m.members < 2:
+            raise bad("model.members", m.members, "an ensemble needs >= 2 members")
+        if m.score not in ("max", "mean", "rms"):
+            raise bad("model.score", m.score, "allowed: max, mean, rms")
+        if m.dtype not in ("float32", "float64"):
+            raise bad("model.dtype", m.dtype, "allowed: float32, float64")
+        for key, value in (("model.uncertainty_every", m.uncertainty_every), ("learning.initial_labels", le.initial_labels),
+                           ("learning.frames_per_call", le.frames_per_call), ("run.steps", r.steps),
+                           ("run.walkers", r.walkers), ("run.checkpoint_every", r.checkpoint_every)):
+            if value < 1:
+                raise bad(key, value, "must be >= 1")
+        if self.reference.retries < 0 or not self.reference.timeout > 0:
+            raise bad("reference.retries/timeout", (self.reference.retries, self.reference.timeout),
+                      "need retries >= 0 and timeout > 0 s")
+        if r.checkpoint_every % m.uncertainty_every:
+            # a resumed run re-evaluates the spread at the checkpoint: it must be a spread step
+            raise bad("run.checkpoint_every", r.checkpoint_every,
+                      f"must be a multiple of model.uncertainty_every = {m.uncertainty_every}")
+        if not 0.0 <= le.validation_fraction < 1.0:
+            raise bad("learning.validation_fraction", le.validation_fraction, "must be in [0, 1)")
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    """One TOML table → an instance of the dataclass ``cls``, every value checked against its hint."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key '{name}.{key}'; allowed in [{name}]: {', '.join(hints)}")
+        values[key] = _coerce(f"{name}.{key}", hints[key], value)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:  # the settings class's own checks
+        raise ConfigError(f"[{name}]: {exc}") from None
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # "X | None": TOML has no null, so X
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (str,)
+        if isinstance(value, item):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{key} = {value!r}: expected a list of {item.__name__}")
+        return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r}: expected a table")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key} = {value!r}: expected {getattr(hint, '__name__', hint)}")
