@@ -67,6 +67,8 @@ class CampaignResult:
     model_version: int
     seconds: float
     output: Path
+    held_out_force_rmse: float  #: eV/Å, the final ensemble mean vs the held-out reference labels
+    trajectory_averaged_uncertainty: dict[int, float]  #: eV/Å, each walker's rolling mean at the end
 
     def summary(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -273,7 +275,13 @@ class Campaign:
         failures = len(self.database.failures())
         return CampaignResult({k: w.step for k, w in enumerate(self.walkers)}, len(self.database) - failures,
                               failures, self.calls, self.brakes, all(t.converged for t in self.triggers),
-                              self.model_version, time.perf_counter() - t0, self.output)
+                              self.model_version, time.perf_counter() - t0, self.output,
+                              self.held_out_force_rmse(), {k: t.rolling_mean for k, t in enumerate(self.triggers)})
+
+    def held_out_force_rmse(self) -> float:
+        """Force RMSE (eV/Å) of the ensemble mean on the labels it was not fitted on."""
+        errors = [np.asarray(a.get_forces()) - self.ensemble.predict(a)["forces"] for a in self.database.validation_set()]
+        return float(np.sqrt(np.mean(np.concatenate(errors) ** 2))) if errors else float("nan")
 
 
 def _resumable(config: dict[str, Any]) -> dict[str, Any]:
@@ -286,9 +294,10 @@ def _restart_uncertainty(walker: Walker) -> None:
     """Forget cached results and align the calculator's uncertainty schedule with the walker's step,
     so the spread is evaluated at the same steps whether or not the run was interrupted."""
     calc = walker.calculator
-    calc.reset()
-    if hasattr(calc, "uncertainty_every"):
-        calc.calls, calc._last = walker.step, None
+    if hasattr(calc, "align_schedule"):
+        calc.align_schedule(walker.step)
+    else:
+        calc.reset()
 
 
 def _truncate_log(path: Path, steps: dict[int, int]) -> None:

@@ -50,7 +50,7 @@ class ModelConfig:
     backbone: str = "sevennet-0"  #: pretrained name or model file (almd.potentials.load)
     members: int = 4  #: ensemble size K
     score: str = "max"  #: per-frame score over atoms: max | mean | rms
-    uncertainty_every: int = 1  #: evaluate the member spread on every n-th MD step
+    uncertainty_every: int = 2  #: evaluate the member spread on every n-th MD step
     dtype: str = "float32"
 
 
@@ -74,7 +74,7 @@ class LearningConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = 400  #: MD steps per walker
+    steps: int = 200  #: MD steps per walker
     walkers: int = 1
     checkpoint_every: int = 50  #: steps
     output: str = "almd-run"

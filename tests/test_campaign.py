@@ -58,3 +58,15 @@ def test_bad_campaign_settings_name_the_key(tmp_path):
         CampaignConfig.from_dict({"model": {"uncertainty_every": 4}, "run": {"checkpoint_every": 10}})
     with pytest.raises(ConfigError, match="system.structure"):
         CampaignConfig.from_dict({"system": {"structure": str(tmp_path / "missing.xyz")}})
+
+
+def test_example_campaign_files_parse_and_document_the_defaults():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "campaigns"
+    files = sorted(folder.glob("*.toml"))
+    assert files
+    for path in files:
+        CampaignConfig.from_toml(path)
+    written_out = CampaignConfig.from_toml(folder / "si_stillinger_weber.toml")
+    assert written_out.to_dict() == CampaignConfig().to_dict()  # `almd run` without a file

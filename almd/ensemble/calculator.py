@@ -73,6 +73,15 @@ class EnsembleCalculator(Calculator):
         if want_stress:
             self.results["stress"] = full_3x3_to_voigt_6_stress(res["stress"][0])
 
+    def align_schedule(self, step: int) -> None:
+        """Forget cached results and the last spread; call number ``step`` is next.
+
+        A walker calls this after a restart, a rollback or a model change, so the
+        spread is evaluated on the same MD steps as in an uninterrupted run.
+        """
+        self.reset()
+        self.calls, self._last = step, None
+
     def get_uncertainty(self, atoms: Atoms | None = None) -> float:
         return float(self.get_property("uncertainty", atoms))
 
