@@ -76,30 +76,58 @@ class CampaignResult:
         return d
 
 
-class Campaign:
-    """An on-the-fly learning MD campaign (see module docstring)."""
+@dataclass
+class LabelRequest:
+    """Frames a walker wants labelled after one step (made on the walker's rank, served on rank 0)."""
 
-    def __init__(self, config: CampaignConfig):
-        from almd.dataset import LabelDatabase
-        from almd.oracle import Oracle
+    walker: int
+    step: int
+    reason: str
+    frames: list[Atoms]
+    scores: list[float | None]
+    brake: bool
+
+
+class Campaign:
+    """An on-the-fly learning MD campaign (see module docstring).
+
+    ``comm``: an MPI communicator (default: :func:`almd.parallel.world`). Walkers
+    are spread over the ranks and advance in lockstep, one step each per round;
+    rank 0 then serves the rounds's label requests in walker order, refits, and
+    sends the new heads to every rank. A serial run takes the same path with
+    one rank, so it gives the same trajectories as an MPI run.
+    """
+
+    def __init__(self, config: CampaignConfig, comm: Any = None):
+        from almd.parallel import owned, world
 
         self.config = cfg = config
+        self.comm = comm if comm is not None else world()
+        self.root = self.comm.rank == 0
         self.output = Path(cfg.run.output)
-        self.output.mkdir(parents=True, exist_ok=True)
-        self.database = LabelDatabase(self.output / "labels.db", cfg.learning.validation_fraction)
-        ref = cfg.reference
-        self.oracle = Oracle(ref.calculator, timeout=ref.timeout, retries=ref.retries, database=self.database,
-                             workdir=self.output / "oracle-runs", **ref.options)
         self.start = starting_structure(cfg)
-        state = self._read_state()
+        state = None
+        if self.root:
+            from almd.dataset import LabelDatabase
+            from almd.oracle import Oracle
+
+            self.output.mkdir(parents=True, exist_ok=True)
+            self.database = LabelDatabase(self.output / "labels.db", cfg.learning.validation_fraction)
+            ref = cfg.reference
+            self.oracle = Oracle(ref.calculator, timeout=ref.timeout, retries=ref.retries, database=self.database,
+                                 workdir=self.output / "oracle-runs", **ref.options)
+            state = self._read_state()
+        state = self.comm.bcast(state if self.root else None)
         self.model_version = state.get("model_version", 0)
         self.calls, self.brakes = state.get("calls", 0), state.get("brakes", 0)
+        self.rounds = state.get("rounds", 0)  # lockstep rounds: checkpoints fall on multiples of checkpoint_every
         # frames at or before a walker's last call were ranked then; later calls look only after it
         self.last_call = {int(k): v for k, v in state.get("last_call", {}).items()}
         self.ensemble = self._ensemble()
-        self.walkers = [self._walker(k) for k in range(cfg.run.walkers)]
-        self.triggers = [self._trigger(k) for k in range(cfg.run.walkers)]
-        for w in self.walkers:
+        self.local = owned(cfg.run.walkers, self.comm)
+        self.walkers = {k: self._walker(k) for k in self.local}
+        self.triggers = {k: self._trigger(k) for k in self.local}
+        for w in self.walkers.values():
             _restart_uncertainty(w)
 
     # ------------------------------------------------------------ set-up / resume
@@ -116,25 +144,33 @@ class Campaign:
         return state
 
     def _ensemble(self):
+        """Rank 0 loads or builds (initial labels, first fit) the ensemble; the others get its heads."""
         from almd.ensemble import Ensemble
 
-        path = self.output / "ensemble.pt"
-        if path.exists():
-            return Ensemble.load(path)
         m, le = self.config.model, self.config.learning
-        rng = np.random.default_rng(self.config.md.seed)
-        frames = [self.start]
-        for _ in range(le.initial_labels + le.initial_calibration - 1):  # the start and rattled copies
-            a = self.start.copy()
-            a.positions += rng.normal(0.0, le.initial_rattle, a.positions.shape)
-            frames.append(a)
-        splits = ["train"] * le.initial_labels + ["validation"] * le.initial_calibration
-        labelled = self._label(frames, walker=-1, step=0, reason="initial", splits=splits)
-        if not any(a.info["split"] == "train" for a in labelled):
-            raise RuntimeError(f"no initial reference calculation succeeded; the failures are recorded in "
-                               f"{self.database.path} (LabelDatabase.failures())")
-        ens = Ensemble(m.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
-        self._refit(ens, labelled)
+        path = self.output / "ensemble.pt"
+        if not self.root:
+            ens = Ensemble(m.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
+            ens.load_head_state(self.comm.bcast(None))
+            return ens
+        if path.exists():
+            ens = Ensemble.load(path)
+        else:
+            rng = np.random.default_rng(self.config.md.seed)
+            frames = [self.start]
+            for _ in range(le.initial_labels + le.initial_calibration - 1):  # the start and rattled copies
+                a = self.start.copy()
+                a.positions += rng.normal(0.0, le.initial_rattle, a.positions.shape)
+                frames.append(a)
+            splits = ["train"] * le.initial_labels + ["validation"] * le.initial_calibration
+            labelled = self._label(frames, walker=-1, step=0, reason="initial", splits=splits)
+            if not any(a.info["split"] == "train" for a in labelled):
+                self.comm.bcast(None)
+                raise RuntimeError(f"no initial reference calculation succeeded; the failures are recorded in "
+                                   f"{self.database.path} (LabelDatabase.failures())")
+            ens = Ensemble(m.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
+            self._refit(ens, labelled)
+        self.comm.bcast(ens.head_state())
         return ens
 
     def _calculator(self):
@@ -158,7 +194,7 @@ class Campaign:
         path = self.output / f"trigger-{k}.json"
         return Trigger.from_json(path.read_text()) if path.exists() else Trigger(self.config.trigger)
 
-    # ------------------------------------------------------------ learning
+    # ------------------------------------------------------------ learning (rank 0)
     def _label(self, frames: list[Atoms], walker: int, step: int, reason: str,
                scores: list[float | None] | None = None, splits: list[str] | None = None) -> list[Atoms]:
         """Reference calculations for ``frames``, every outcome stored; returns the successful ones as
@@ -186,100 +222,160 @@ class Campaign:
             ensemble.calibrate(held_out)
         self.model_version += 1
 
-    def _learn(self, k: int, decision: Decision, brake_frame: Frame | None) -> None:
+    def _serve(self, requests: list[LabelRequest]) -> bool:
+        """Label each request in walker order and refit after each; True if the model changed."""
+        changed = False
+        for req in sorted(requests, key=lambda r: r.walker):
+            labelled = self._label(req.frames, req.walker, req.step, req.reason, req.scores)
+            if labelled:
+                self._refit(self.ensemble, labelled)
+                changed = True
+        return changed
+
+    # ------------------------------------------------------------ the loop
+    def _request(self, k: int, decision: Decision, brake_frame: Frame | None) -> LabelRequest:
         walker = self.walkers[k]
         after, self.last_call[k] = self.last_call.get(k, -1), decision.step
         if brake_frame is not None:
-            frames, scores = [brake_frame.atoms], [brake_frame.score]
-            reason = "brake"
+            frames, scores, reason = [brake_frame.atoms], [brake_frame.score], "brake"
         else:
             recent = [f for f in walker.frames if f.score is not None and f.step > after]
             picked = select_frames([f.score for f in recent], [f.atoms for f in recent],
                                    self.config.learning.frames_per_call, self.config.learning.min_distance)
             frames, scores = [recent[i].atoms for i in picked], [recent[i].score for i in picked]
             reason = ",".join(decision.reasons)
-        for a in frames:  # the walker's calculator results must not travel with the frame
-            a.calc = None
-        labelled = self._label(frames, k, decision.step, reason, scores)
-        if labelled:
-            self._refit(self.ensemble, labelled)
-            for w in self.walkers:  # forces from the new model from here on
-                _restart_uncertainty(w)
+        frames = [Atoms(a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc) for a in frames]
+        return LabelRequest(k, decision.step, reason, frames, scores, brake_frame is not None)
 
-    # ------------------------------------------------------------ the loop
-    def step(self, k: int) -> tuple[StepRecord, Decision]:
+    def step(self, k: int) -> tuple[StepRecord, Decision, LabelRequest | None]:
+        """One MD step of local walker ``k``: trigger, rollback on a brake, and what to label."""
         walker, trigger = self.walkers[k], self.triggers[k]
         record = walker.advance()
         score = float("inf") if record.blown_up else (record.score if record.score is not None else float("nan"))
         decision = trigger.update(record.step, score)
+        request = None
         if decision.stop:
             offending = walker.frames[-1]
             walker.rollback()
             _restart_uncertainty(walker)
-            self.calls, self.brakes = self.calls + 1, self.brakes + 1
-            self._learn(k, decision, offending)
+            request = self._request(k, decision, offending)
         elif decision.call:
-            self.calls += 1
-            self._learn(k, decision, None)
+            request = self._request(k, decision, None)
         elif not decision.reasons:
             walker.trust()
-        return record, decision
+        return record, decision, request
+
+    def _round(self) -> tuple[list[dict[str, Any]], bool]:
+        """Every active walker on every rank one step; label requests served on rank 0; new heads sent."""
+        cfg = self.config.run
+        rows, requests = [], []
+        for k, w in self.walkers.items():
+            if w.step >= cfg.steps or self.triggers[k].converged:
+                continue
+            record, decision, request = self.step(k)
+            rows.append({"walker": k, "step": record.step, "energy": record.energy,
+                         "temperature": record.temperature, "max_force": record.max_force, "score": record.score,
+                         "action": decision.action.value, "reasons": "+".join(decision.reasons),
+                         "rolling_mean": decision.rolling_mean})
+            if request is not None:
+                requests.append(request)
+        gathered = self.comm.gather((rows, requests))
+        update = None
+        if self.root:
+            rows = [r for part, _ in gathered for r in part]
+            requests = [q for _, part in gathered for q in part]
+            self.calls += len(requests)
+            self.brakes += sum(q.brake for q in requests)
+            if self._serve(requests):
+                update = (self.ensemble.head_state(), self.model_version, self.calls, self.brakes)
+        update = self.comm.bcast(update)
+        if update is not None:
+            if not self.root:
+                self.ensemble.load_head_state(update[0])
+                self.model_version, self.calls, self.brakes = update[1:]
+            for w in self.walkers.values():  # forces from the new model from here on
+                _restart_uncertainty(w)
+        busy = any(w.step < cfg.steps and not self.triggers[k].converged for k, w in self.walkers.items())
+        return rows, bool(self.comm.allreduce(int(busy)))
 
     def checkpoint(self) -> None:
-        """Everything needed to resume, each file written atomically; the ensemble first."""
-        self.ensemble.save(self.output / "ensemble.pt")
-        for k, (w, t) in enumerate(zip(self.walkers, self.triggers)):
-            w.save(self.output / f"walker-{k}.json")
-            atomic_write(self.output / f"trigger-{k}.json", t.to_json())
-        atomic_write(self.output / "campaign.json", json.dumps({
-            "config": self.config.to_dict(), "model_version": self.model_version, "calls": self.calls,
-            "brakes": self.brakes, "last_call": self.last_call,
-            "steps": {w.name: w.step for w in self.walkers}}, indent=1))
+        """Everything needed to resume, written by rank 0, each file atomically; the ensemble first.
 
-    def run(self) -> CampaignResult:
-        """Run every walker to ``run.steps`` (or until its trigger reports convergence)."""
+        Every walker then recomputes its forces and spread at the checkpoint, as a
+        resumed run must, so interrupted and uninterrupted runs stay identical.
+        """
+        local = {k: (w.state().to_json(), self.triggers[k].to_json(), self.last_call.get(k)) for k, w in self.walkers.items()}
+        parts = self.comm.gather(local)
+        if self.root:
+            self.ensemble.save(self.output / "ensemble.pt")
+            last_call, steps = {}, {}
+            for part in parts:
+                for k, (walker, trigger, call) in part.items():
+                    atomic_write(self.output / f"walker-{k}.json", walker)
+                    atomic_write(self.output / f"trigger-{k}.json", trigger)
+                    steps[k] = json.loads(walker)["step"]
+                    if call is not None:
+                        last_call[k] = call
+            atomic_write(self.output / "campaign.json", json.dumps({
+                "config": self.config.to_dict(), "model_version": self.model_version, "calls": self.calls,
+                "brakes": self.brakes, "rounds": self.rounds, "last_call": last_call, "steps": steps}, indent=1))
+        for w in self.walkers.values():
+            _restart_uncertainty(w)
+
+    def run(self) -> CampaignResult | None:
+        """Run every walker to ``run.steps`` (or until its trigger reports convergence).
+
+        Returns the result on rank 0 (None on the other ranks).
+        """
         from tqdm import tqdm
 
         cfg = self.config.run
         t0 = time.perf_counter()
         log_path = self.output / "steps.csv"
-        new_log = not log_path.exists()
-        if not new_log:  # resumed: steps after the checkpoint are re-run, so their old rows go
-            _truncate_log(log_path, {k: w.step for k, w in enumerate(self.walkers)})
-        total = cfg.steps * len(self.walkers)
-        done = sum(w.step for w in self.walkers)
-        with open(log_path, "a", newline="") as fh, \
-                tqdm(total=total, initial=done, disable=not cfg.progress, desc="almd run", unit="step") as bar:
+        fh = bar = log = None
+        if self.root:
+            if log_path.exists():  # resumed: steps after the checkpoint are re-run, so their old rows go
+                _truncate_log(log_path, json.loads((self.output / "campaign.json").read_text())["steps"]
+                              if (self.output / "campaign.json").exists() else {})
+            new_log = not log_path.exists()
+            fh = open(log_path, "a", newline="")
             log = csv.DictWriter(fh, STEP_FIELDS)
             if new_log:
                 log.writeheader()
-            active = [k for k, w in enumerate(self.walkers) if w.step < cfg.steps and not self.triggers[k].converged]
-            while active:
-                for k in list(active):
-                    record, decision = self.step(k)
-                    log.writerow({"walker": k, "step": record.step, "energy": record.energy,
-                                  "temperature": record.temperature, "max_force": record.max_force,
-                                  "score": record.score, "action": decision.action.value,
-                                  "reasons": "+".join(decision.reasons), "rolling_mean": decision.rolling_mean,
-                                  "labels": len(self.database), "model_version": self.model_version})
-                    bar.update(1 if not decision.stop else 0)
-                    bar.set_postfix(labels=len(self.database), score=f"{record.score or 0:.3g}")
-                    w = self.walkers[k]
-                    if w.step % cfg.checkpoint_every == 0 and not decision.stop:
+            done = sum(min(int(v), cfg.steps) for v in self._read_state().get("steps", {}).values())
+            bar = tqdm(total=cfg.steps * cfg.walkers, initial=done, disable=not cfg.progress, desc="almd run", unit="step")
+        busy = True
+        try:
+            while busy:
+                rows, busy = self._round()
+                self.rounds += 1
+                if self.root:
+                    for r in rows:
+                        log.writerow({**r, "labels": len(self.database), "model_version": self.model_version})
+                    bar.update(sum(r["action"] != "brake" for r in rows))
+                    bar.set_postfix(labels=len(self.database))
+                if self.rounds % cfg.checkpoint_every == 0 or not busy:
+                    if self.root:
                         fh.flush()
-                        self.checkpoint()
-                    if w.step >= cfg.steps or self.triggers[k].converged:
-                        active.remove(k)
-            fh.flush()
-            self.checkpoint()
+                    self.checkpoint()
+        finally:
+            if self.root:
+                bar.close()
+                fh.close()
+        rmse = self.held_out_force_rmse() if self.root else None
+        rolling = self.comm.gather({k: t.rolling_mean for k, t in self.triggers.items()})
+        steps = self.comm.gather({k: w.step for k, w in self.walkers.items()})
+        converged = self.comm.allreduce(int(all(t.converged for t in self.triggers.values())))
+        if not self.root:
+            return None
         failures = len(self.database.failures())
-        return CampaignResult({k: w.step for k, w in enumerate(self.walkers)}, len(self.database) - failures,
-                              failures, self.calls, self.brakes, all(t.converged for t in self.triggers),
-                              self.model_version, time.perf_counter() - t0, self.output,
-                              self.held_out_force_rmse(), {k: t.rolling_mean for k, t in enumerate(self.triggers)})
+        return CampaignResult({k: v for part in steps for k, v in part.items()}, len(self.database) - failures,
+                              failures, self.calls, self.brakes, converged == self.comm.size,
+                              self.model_version, time.perf_counter() - t0, self.output, rmse,
+                              {k: v for part in rolling for k, v in part.items()})
 
     def held_out_force_rmse(self) -> float:
-        """Force RMSE (eV/Å) of the ensemble mean on the labels it was not fitted on."""
+        """Force RMSE (eV/Å) of the ensemble mean on the labels it was not fitted on (rank 0)."""
         errors = [np.asarray(a.get_forces()) - self.ensemble.predict(a)["forces"] for a in self.database.validation_set()]
         return float(np.sqrt(np.mean(np.concatenate(errors) ** 2))) if errors else float("nan")
 
@@ -300,9 +396,9 @@ def _restart_uncertainty(walker: Walker) -> None:
         calc.reset()
 
 
-def _truncate_log(path: Path, steps: dict[int, int]) -> None:
+def _truncate_log(path: Path, steps: dict[str, int]) -> None:
     with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= steps.get(int(r["walker"]), 0)]
+        rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= int(steps.get(r["walker"], 0))]
     with open(path, "w", newline="") as fh:
         log = csv.DictWriter(fh, STEP_FIELDS)
         log.writeheader()

@@ -137,10 +137,6 @@ class CampaignConfig:
         if self.reference.retries < 0 or not self.reference.timeout > 0:
             raise bad("reference.retries/timeout", (self.reference.retries, self.reference.timeout),
                       "need retries >= 0 and timeout > 0 s")
-        if r.checkpoint_every % m.uncertainty_every:
-            # a resumed run re-evaluates the spread at the checkpoint: it must be a spread step
-            raise bad("run.checkpoint_every", r.checkpoint_every,
-                      f"must be a multiple of model.uncertainty_every = {m.uncertainty_every}")
         if not 0.0 <= le.validation_fraction < 1.0:
             raise bad("learning.validation_fraction", le.validation_fraction, "must be in [0, 1)")
 

@@ -350,6 +350,19 @@ class Ensemble(Potential):
                 "calibration": self.calibration.state_dict(), "version": self.version,
                 "calibrated_keys": sorted(self.calibrated_keys)}
 
+    def head_state(self) -> dict:
+        """What a refit changes (heads, subspace, calibration): another process with the same
+        backbone predicts identically after :meth:`load_head_state` (design rows stay behind)."""
+        return {"weights": self.weights.cpu(), "shifts": self.shifts.cpu(), "directions": self.directions.cpu(),
+                "fit_species": list(self.fit_species), "calibration": self.calibration.state_dict(),
+                "version": self.version}
+
+    def load_head_state(self, state: dict) -> None:
+        self.weights, self.shifts, self.directions = state["weights"], state["shifts"], state["directions"]
+        self.fit_species = list(state["fit_species"])
+        self.calibration = Calibration.from_state_dict(state["calibration"])
+        self.version = state["version"]
+
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic write (temp file, fsync, rename) of everything needed to rebuild and refit."""
         from almd.potentials import atomic_torch_save

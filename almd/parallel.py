@@ -1,0 +1,51 @@
+"""MPI through mpi4py, with a serial stand-in of the same shape.
+
+Under ``mpiexec -n N`` the campaign spreads its walkers over the ranks; rank 0
+owns the label database, the reference calculations and every file. Outside
+MPI (or with one rank) :class:`SerialComm` answers the same few calls, so the
+campaign has one code path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class SerialComm:
+    """The subset of an mpi4py communicator the campaign uses, for one process."""
+
+    rank = 0
+    size = 1
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any]:
+        return [obj]
+
+    def allreduce(self, value: Any, op: Any = None) -> Any:
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+
+def world() -> Any:
+    """mpi4py's COMM_WORLD when started by an MPI launcher with several ranks, else a SerialComm.
+
+    mpi4py is imported only under a launcher: importing it initialises MPI, which
+    a plain serial run does not need.
+    """
+    launched = any(k in os.environ for k in ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK"))
+    if not launched:
+        return SerialComm()
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    return comm if comm.Get_size() > 1 else SerialComm()
+
+
+def owned(n_items: int, comm: Any) -> list[int]:
+    """The items (walkers) rank ``comm.rank`` runs: round robin over ranks."""
+    return [k for k in range(n_items) if k % comm.size == comm.rank]

@@ -1,0 +1,59 @@
+"""`mpiexec -n 2 almd run`: walkers spread over ranks give the same campaign as one process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from almd.campaign import Campaign
+from almd.config import CampaignConfig
+
+pytestmark = pytest.mark.mpi
+
+CAMPAIGN = """
+[system]
+supercell = [1, 1, 1]
+[model]
+members = 2
+[md]
+temperature = 1200
+timestep = 2.0
+seed = 4
+[trigger]
+window = 20
+min_history = 3
+abs_cap = 0.04
+min_spacing = 4
+[learning]
+initial_labels = 2
+initial_calibration = 1
+[run]
+steps = 10
+walkers = 2
+checkpoint_every = 6
+progress = false
+output = "{output}"
+"""
+
+
+def test_two_ranks_reproduce_the_serial_campaign(tmp_path):
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if mpiexec is None:
+        pytest.skip("no mpiexec (pip install mpich)")
+    serial = tmp_path / "serial"
+    (tmp_path / "serial.toml").write_text(CAMPAIGN.format(output=serial))
+    result = Campaign(CampaignConfig.from_toml(tmp_path / "serial.toml")).run()
+    assert result.calls >= 1
+
+    toml = tmp_path / "campaign.toml"
+    toml.write_text(CAMPAIGN.format(output=tmp_path / "mpi"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "almd.cli", "run", str(toml)],
+                         capture_output=True, text=True, env=env, timeout=1200)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in ("walker-0.json", "walker-1.json", "steps.csv"):
+        assert (tmp_path / "mpi" / name).read_text() == (serial / name).read_text(), name
