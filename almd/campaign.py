@@ -435,5 +435,6 @@ def main(argv: list[str]) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"almd run: error: {exc}")
         return 2
-    print(json.dumps(result.summary(), indent=1))
+    if result is not None:  # rank 0 reports
+        print(json.dumps(result.summary(), indent=1))
     return 0

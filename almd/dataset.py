@@ -140,6 +140,9 @@ class LabelDatabase:
         self.validation_fraction = validation_fraction
         assign_split("c0", validation_fraction)  # validates the fraction early
         self._db = ase.db.connect(str(self.path), type="db", append=True)
+        # One process owns the database (rank 0 under MPI): ASE would otherwise make every
+        # rank join a broadcast on each read and write.
+        self._db.serial = True
 
     # ---- writing
     def _row_args(

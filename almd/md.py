@@ -144,7 +144,10 @@ class Walker:
             self.atoms = atoms.copy()
             self.step = 0
             if not self.atoms.get_momenta().any() and s.temperature > 0:
-                thermalize_momenta(self.atoms, temperature_K=s.temperature, rng=self.rng)
+                from ase.parallel import DummyMPI
+
+                # comm: this walker's own draw (ASE's default broadcasts rank 0's under MPI)
+                thermalize_momenta(self.atoms, temperature_K=s.temperature, rng=self.rng, comm=DummyMPI())
                 Stationary(self.atoms)
         else:
             self.atoms, self.step = state.atoms(), state.step
@@ -157,16 +160,20 @@ class Walker:
         self._trusted = self.state()
 
     def _integrator(self):
+        from ase.parallel import DummyMPI
+
         s = self.settings
+        # comm: a walker is one process's trajectory. ASE's default (MPI world) would make
+        # Langevin take rank 0's random numbers on every rank under mpiexec.
         if s.dynamics == "langevin":
             from ase.md.langevin import Langevin
 
             # fixcm=False: the deprecated centre-of-mass fix does not sample NVT correctly
             return Langevin(self.atoms, s.timestep * units.fs, temperature_K=s.temperature,
-                            friction=s.friction / units.fs, fixcm=False, rng=self.rng)
+                            friction=s.friction / units.fs, fixcm=False, rng=self.rng, comm=DummyMPI())
         from ase.md.verlet import VelocityVerlet
 
-        return VelocityVerlet(self.atoms, s.timestep * units.fs)
+        return VelocityVerlet(self.atoms, s.timestep * units.fs, comm=DummyMPI())
 
     # ---------------------------------------------------------------- state
     def state(self) -> WalkerState:

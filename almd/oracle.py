@@ -10,6 +10,7 @@ No torch here: the oracle must run where the ML stack is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -23,7 +24,7 @@ import sys
 import time
 import threading
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,6 +333,26 @@ def _worker(conn: Any, spec: tuple[str, dict], atoms: Atoms, workdir: str, sys_p
 
 # --------------------------------------------------------------------------- the oracle
 
+_ENV_LOCK = threading.Lock()
+_MPI_LAUNCHER_VARS = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "I_MPI_")
+
+
+@contextlib.contextmanager
+def _outside_mpi() -> Iterator[None]:
+    """Start workers without the MPI launcher's environment. Under ``mpiexec`` a worker
+    that inherits it sees itself as an MPI rank: anything that initialises MPI there
+    (ASE's parallel helpers, a DFT code) would talk to the launcher on the rank's behalf."""
+    _ENV_LOCK.acquire()  # os.environ is process-wide; label_many starts workers from threads
+    saved = {k: v for k, v in os.environ.items() if k.startswith(_MPI_LAUNCHER_VARS)}
+    for k in saved:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+        _ENV_LOCK.release()
+
+
 def _context(main: bool = False) -> Any:
     """Forkserver where available (fast, no inherited state), else spawn. Spawn
     also when the calculator lives in the user's script: it re-imports __main__."""
@@ -402,7 +423,8 @@ class Oracle:
                       magmoms=atoms.get_initial_magnetic_moments())
         args = (child, (self.spec_name, self.kwargs), clean, workdir, list(sys.path), self.threads)
         proc = ctx.Process(target=_worker, args=args, daemon=True)
-        proc.start()
+        with _outside_mpi():
+            proc.start()
         child.close()  # so that a dead worker shows up as EOF instead of a hang
         try:
             if not parent.poll(self.timeout):

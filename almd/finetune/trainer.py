@@ -183,6 +183,9 @@ class Finetuner:
                                            weight_decay=cfg.optim.weight_decay)
         self.ema = EMA(self.named_trainable, cfg.optim.ema)
         self.rng = np.random.default_rng(cfg.run.seed)
+        # replay draws from its own stream, so runs with and without co-training see the
+        # same fine-tuning batches (a fair comparison of the two)
+        self.replay_rng = np.random.default_rng([cfg.run.seed, 1])
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.best = {"loss": float("inf"), "step": 0, "weights": self.ema.weights(), "metrics": {}}
@@ -231,7 +234,7 @@ class Finetuner:
         if self.config.co_training and self.replay:
             replay = []
             for _ in range(self.config.loss.replay_ratio):
-                batch = [self.replay[i] for i in rng.integers(len(self.replay), size=run.replay_batch)]
+                batch = [self.replay[i] for i in self.replay_rng.integers(len(self.replay), size=run.replay_batch)]
                 r = self.replay_loss(batch)
                 self._optimise(r)
                 replay.append(float(r.detach()))
@@ -251,7 +254,7 @@ class Finetuner:
                     for j in cols:
                         # the column error is reported even when λ_Φ = 0 (EFS-only fine-tuning)
                         terms = losses.pft_terms(self.potential, [s], [j], self.dtype, create_graph=False)
-                        total += float(sum(w[k] * v for k, v in terms.items() if w[k] > 0))
+                        total += sum(w[k] * float(v.detach()) for k, v in terms.items() if w[k] > 0)
                         parts += 1
                         maes.append(float(terms["hessian"]))
                 out["val_hessian_mae"] = float(np.mean(maes))
@@ -281,7 +284,8 @@ class Finetuner:
         path = path or self.checkpoint_path
         _atomic_save({
             "step": self.step, "model": self.potential.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.state_dict(), "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+            "ema": self.ema.state_dict(), "rng": self.rng.bit_generator.state,
+            "replay_rng": self.replay_rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
             "history": self.history, "best": self.best, "bad_evals": self.bad_evals,
             "initial_validation": self.initial_validation, "config": self.config.to_dict(),
         }, path)
@@ -293,6 +297,7 @@ class Finetuner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
         self.rng.bit_generator.state = state["rng"]
+        self.replay_rng.bit_generator.state = state["replay_rng"]
         torch.set_rng_state(state["torch_rng"])
         self.step, self.history, self.best = state["step"], state["history"], state["best"]
         self.bad_evals, self.initial_validation = state["bad_evals"], state["initial_validation"]
@@ -321,10 +326,11 @@ class Finetuner:
         if self.step == 0 and not self.initial_validation:
             self.initial_validation = self.validate()
             self._consider(self.initial_validation)
-        stopped = False
+        # a run that already stopped early stays stopped when resumed
+        stopped = 0 < run.patience <= self.bad_evals
         bar = tqdm(total=run.steps, initial=self.step, disable=not run.progress, desc="finetune", unit="step")
         try:
-            while self.step < run.steps:
+            while self.step < run.steps and not stopped:
                 t0 = time.perf_counter()
                 record = {"step": self.step + 1, **self.train_step()}
                 if self.step % run.eval_every == 0 or self.step == run.steps:
@@ -363,9 +369,15 @@ class Finetuner:
         return 0 < self.config.run.patience <= self.bad_evals
 
     def export(self, path: str | Path) -> Path:
-        """Merge adapters into the weights and save a file ``almd.Calculator(model=path)`` loads."""
-        adapters.merge(self.potential)
-        return potentials.save(self.potential.float(), path, finetune=self.config.to_dict(),
+        """Merge adapters into (a copy of) the weights and save a file ``almd.Calculator(model=path)`` loads.
+
+        The trainer's own model keeps its adapters and dtype, so training can go on.
+        """
+        import copy
+
+        model = copy.deepcopy(self.potential)
+        adapters.merge(model)
+        return potentials.save(model.float(), path, finetune=self.config.to_dict(),
                                best_step=self.best["step"], energy_shifts=self.energy_shifts)
 
 
