@@ -38,6 +38,43 @@ class ConfigError(ValueError):
     """A setting is unknown or has a bad value."""
 
 
+def bad(key: str, value: Any, allowed: str) -> ConfigError:
+    """The error for a value that is not allowed, naming the key and what is."""
+    return ConfigError(f"{key} = {value!r} is not allowed; {allowed}")
+
+
+class TomlSettings:
+    """TOML reading for a dataclass whose fields are sections (dataclasses themselves).
+
+    Subclasses add their cross-section checks in :meth:`validate`.
+    """
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]):
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(raw) - set(hints))
+        if unknown:
+            raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(hints)}")
+        settings = cls(**{name: _section(name, hints[name], raw.get(name, {})) for name in hints})
+        settings.validate()
+        return settings
+
+    @classmethod
+    def from_toml(cls, path: str | Path):
+        with open(path, "rb") as fh:
+            try:
+                raw = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Checks that involve several settings (each value's type is checked on reading)."""
+
+
 @dataclass
 class SystemConfig:
     structure: str = "si"  #: a built-in name (BUILTIN_STRUCTURES) or a structure file
@@ -82,7 +119,7 @@ class RunConfig:
 
 
 @dataclass
-class CampaignConfig:
+class CampaignConfig(TomlSettings):
     system: SystemConfig = field(default_factory=SystemConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
@@ -91,32 +128,7 @@ class CampaignConfig:
     learning: LearningConfig = field(default_factory=LearningConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "CampaignConfig":
-        hints = typing.get_type_hints(cls)
-        unknown = sorted(set(raw) - set(hints))
-        if unknown:
-            raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(hints)}")
-        cfg = cls(**{name: _section(name, hints[name], raw.get(name, {})) for name in hints})
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> "CampaignConfig":
-        with open(path, "rb") as fh:
-            try:
-                raw = tomllib.load(fh)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path}: {exc}") from None
-        return cls.from_dict(raw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def validate(self) -> None:
-        def bad(key: str, value: Any, allowed: str) -> ConfigError:
-            return ConfigError(f"{key} = {value!r} is not allowed; {allowed}")
-
         s, m, le, r = self.system, self.model, self.learning, self.run
         if s.structure not in BUILTIN_STRUCTURES and not Path(s.structure).exists():
             raise bad("system.structure", s.structure,

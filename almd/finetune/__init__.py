@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from almd.config import ConfigError
 from almd.finetune.config import (
-    ConfigError,
     DataConfig,
     FinetuneConfig,
     LossConfig,

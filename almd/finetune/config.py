@@ -6,14 +6,9 @@ the value and what is allowed, before anything is loaded or trained.
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-from almd.config import ConfigError, _section
+from almd.config import TomlSettings, bad
 from almd.potentials.adapters import STRATEGIES
 
 
@@ -82,43 +77,14 @@ class RunConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TomlSettings):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "FinetuneConfig":
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(sections))
-        if unknown:
-            raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(sections)}")
-        hints = typing.get_type_hints(cls)
-        parts = {}
-        for name in sections:
-            parts[name] = _section(name, hints[name], raw.get(name, {}))
-        cfg = cls(**parts)
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def from_toml(cls, path: str | Path) -> "FinetuneConfig":
-        with open(path, "rb") as fh:
-            try:
-                raw = tomllib.load(fh)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path}: {exc}") from None
-        return cls.from_dict(raw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def validate(self) -> None:
-        def bad(key: str, value: Any, allowed: str) -> ConfigError:
-            return ConfigError(f"{key} = {value!r} is not allowed; {allowed}")
-
         if self.model.strategy not in STRATEGIES:
             raise bad("model.strategy", self.model.strategy, f"allowed: {', '.join(STRATEGIES)}")
         if self.model.dtype not in ("float32", "float64"):
