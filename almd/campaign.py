@@ -156,6 +156,12 @@ class Campaign:
         if path.exists():
             ens = Ensemble.load(path)
         else:
+            ens = Ensemble(m.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
+            try:  # an element the model does not know: say so before any reference calculation
+                ens.check_species(self.start.numbers)
+            except ValueError:
+                self.comm.bcast(None)
+                raise
             rng = np.random.default_rng(self.config.md.seed)
             frames = [self.start]
             for _ in range(le.initial_labels + le.initial_calibration - 1):  # the start and rattled copies
@@ -168,7 +174,6 @@ class Campaign:
                 self.comm.bcast(None)
                 raise RuntimeError(f"no initial reference calculation succeeded; the failures are recorded in "
                                    f"{self.database.path} (LabelDatabase.failures())")
-            ens = Ensemble(m.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
             self._refit(ens, labelled)
         self.comm.bcast(ens.head_state())
         return ens
@@ -418,6 +423,7 @@ def main(argv: list[str]) -> int:
     import dataclasses
 
     from almd.config import ConfigError
+    from almd.potentials import UnknownElementError
 
     p = argparse.ArgumentParser(prog="almd run", description="Run or resume an active-learning MD campaign. "
                                 "Without a file: the built-in Si campaign (SevenNet-0 ensemble, Stillinger–Weber reference).")
@@ -432,7 +438,7 @@ def main(argv: list[str]) -> int:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
             cfg.validate()
         result = Campaign(cfg).run()
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, UnknownElementError, FileNotFoundError) as exc:
         print(f"almd run: error: {exc}")
         return 2
     if result is not None:  # rank 0 reports

@@ -70,3 +70,19 @@ def test_example_campaign_files_parse_and_document_the_defaults():
         CampaignConfig.from_toml(path)
     written_out = CampaignConfig.from_toml(folder / "si_stillinger_weber.toml")
     assert written_out.to_dict() == CampaignConfig().to_dict()  # `almd run` without a file
+
+
+def test_unknown_element_is_named_before_any_reference_call(tmp_path):
+    from ase import Atoms
+    from ase.io import write
+
+    from almd.potentials import UnknownElementError
+
+    write(tmp_path / "odd.xyz", Atoms("SiDb", positions=[[0, 0, 0], [1.2, 1.2, 1.2]], cell=[5, 5, 5], pbc=True))
+    cfg = CampaignConfig.from_dict({"system": {"structure": str(tmp_path / "odd.xyz"), "supercell": [1]},
+                                    "run": {"output": str(tmp_path / "out"), "progress": False}})
+    with pytest.raises(UnknownElementError, match="Db"):
+        Campaign(cfg)
+    from almd.dataset import LabelDatabase
+
+    assert len(LabelDatabase(tmp_path / "out" / "labels.db")) == 0
