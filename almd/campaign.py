@@ -99,8 +99,13 @@ class Campaign:
     """
 
     def __init__(self, config: CampaignConfig, comm: Any = None):
+        import torch
+
         from almd.parallel import owned, world
 
+        # With several threads torch's CPU scatter-adds sum in a varying order (last-bit
+        # noise); deterministic kernels cost nothing measurable here and make restarts exact.
+        torch.use_deterministic_algorithms(True, warn_only=True)
         self.config = cfg = config
         self.comm = comm if comm is not None else world()
         self.root = self.comm.rank == 0

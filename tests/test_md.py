@@ -48,7 +48,10 @@ def test_restart_from_json_is_bit_for_bit(tmp_path):
 
 def test_restart_with_sevennet_is_bit_for_bit(sevennet32):
     """The neural potential too: the neighbour cache's canonical graph makes forces independent of
-    when the list was last built."""
+    when the list was last built (and deterministic kernels, as the campaign sets them)."""
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)
     settings = WalkerSettings(temperature=1500, timestep=2.0, seed=2)
     straight = Walker(atoms, sevennet32, settings)
