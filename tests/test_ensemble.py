@@ -47,6 +47,20 @@ def fitted(backbone):
     return ens, frames, stats
 
 
+
+def assert_member_forces_are_gradients(ens, atoms, components, h: float = 1e-4) -> None:
+    """Every member's force = −∂E_k/∂x by central differences (float64 copy: FD needs it)."""
+    ens64 = copy.deepcopy(ens).to(torch.float64)
+    forces = ens64.evaluate(ens64.graph(atoms))["forces"].detach().numpy()
+    for atom, axis in components:
+        energies = []
+        for sign in (1, -1):
+            shifted = atoms.copy()
+            shifted.positions[atom, axis] += sign * h
+            energies.append(ens64.evaluate(ens64.graph(shifted))["energy"].detach().numpy()[:, 0])
+        fd = -(energies[0] - energies[1]) / (2 * h)
+        assert np.allclose(forces[:, atom, axis], fd, atol=1e-6), (forces[:, atom, axis], fd)
+
 def test_pretrained_head_reproduces_backbone(backbone):
     ens = Ensemble(backbone, k=2)
     graph = ens.graph(si8())
@@ -87,18 +101,7 @@ def test_fit_learns_the_reference(fitted, backbone):
 
 def test_member_forces_are_minus_energy_gradient(fitted):
     ens, _, _ = fitted
-    ens64 = copy.deepcopy(ens).to(torch.float64)  # float64: finite differences need it
-    atoms = si8(0.05, seed=3)
-    forces = ens64.evaluate(ens64.graph(atoms))["forces"].detach().numpy()
-    h = 1e-4
-    for atom, axis in [(0, 0), (3, 1), (6, 2)]:
-        energies = []
-        for sign in (1, -1):
-            shifted = atoms.copy()
-            shifted.positions[atom, axis] += sign * h
-            energies.append(ens64.evaluate(ens64.graph(shifted))["energy"].detach().numpy()[:, 0])
-        fd = -(energies[0] - energies[1]) / (2 * h)
-        assert np.allclose(forces[:, atom, axis], fd, atol=1e-6), (forces[:, atom, axis], fd)
+    assert_member_forces_are_gradients(ens, si8(0.05, seed=3), [(0, 0), (3, 1), (6, 2)])
 
 
 def test_calibration_recovers_known_scale():
@@ -223,17 +226,7 @@ def test_mace_members_differ_and_are_conservative(mace_backbone, tmp_path):
     assert np.abs(f[0] - f[1]).max() > 1e-4 and np.abs(f[1] - f[2]).max() > 1e-4  # bootstrap members differ
     assert np.allclose(mean["forces"].detach().numpy(), f.mean(0), atol=1e-5)
     assert ens.predict(atoms)["uncertainty_raw"] > 0
-    ens64 = copy.deepcopy(ens).to(torch.float64)  # float64 for finite differences
-    forces = ens64.evaluate(ens64.graph(atoms))["forces"].detach().numpy()
-    h = 1e-4
-    for atom, axis in [(1, 0), (4, 2)]:
-        energies = []
-        for sign in (1, -1):
-            shifted = atoms.copy()
-            shifted.positions[atom, axis] += sign * h
-            energies.append(ens64.evaluate(ens64.graph(shifted))["energy"].detach().numpy()[:, 0])
-        fd = -(energies[0] - energies[1]) / (2 * h)
-        assert np.allclose(forces[:, atom, axis], fd, atol=1e-6), (forces[:, atom, axis], fd)
+    assert_member_forces_are_gradients(ens, atoms, [(1, 0), (4, 2)])
     back = Ensemble.load(ens.save(tmp_path / "mace-ens.pt"))
     assert np.allclose(back.predict(atoms)["member_forces"], ens.predict(atoms)["member_forces"], atol=1e-6)
 
