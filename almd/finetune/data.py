@@ -32,6 +32,9 @@ class Sample:
     stress: np.ndarray | None = None  # (3, 3) eV/Å³, ASE sign
     hessian: np.ndarray | None = None  # (3n, 3n) eV/Å², no mass weighting
     name: str = ""
+    # Hessian columns worth drawing; None: any. At a displaced geometry only the columns
+    # near the displaced atoms carry the third-order signal Φ3·u (see kappa_labels).
+    columns: tuple[int, ...] | None = None
     _pairs: NeighborPairs | None = field(default=None, repr=False)
 
     def pairs(self, cutoff: float) -> NeighborPairs:

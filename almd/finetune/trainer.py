@@ -158,7 +158,8 @@ class Finetuner:
             raise DataError("the validation split is empty: add structures, give data.validation, "
                             "or raise data.validation_fraction")
         self.phonon, self.efs, self.val_phonon, self.val_efs = ph, ef, val_ph, val_efs
-        self.val_columns = [list(range(min(d.validation_columns, 3 * len(s.atoms)))) for s in val_ph]
+        self.val_columns = [list(range(min(d.validation_columns, 3 * len(s.atoms)))) if s.columns is None
+                            else list(s.columns[:d.validation_columns]) for s in val_ph]
 
         # Before any adapter: shifts fitted on the fine-tuning labels, then replay labels
         # from the (shifted) frozen base, so both are consistent with the new data.
@@ -227,7 +228,8 @@ class Finetuner:
         """One fine-tuning batch and its co-training batches."""
         run, rng = self.config.run, self.rng
         phonon = [self.phonon[i] for i in rng.integers(len(self.phonon), size=run.batch_size)] if self.phonon else []
-        columns = [int(rng.integers(3 * len(s.atoms))) for s in phonon]
+        columns = [int(rng.integers(3 * len(s.atoms))) if s.columns is None else int(rng.choice(s.columns))
+                   for s in phonon]
         efs = [self.efs[i] for i in rng.integers(len(self.efs), size=run.efs_batch)] if self.efs and run.efs_batch else []
         loss, terms = self.finetune_loss(phonon, efs, columns)
         record = {"loss": float(loss.detach()), **terms, "grad_norm": self._optimise(loss)}
