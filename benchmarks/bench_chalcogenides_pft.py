@@ -5,21 +5,29 @@ Issue 4, must-show 3. ONE model is fine-tuned on several materials of
 
 - phonon structures: each material's perfect DFT supercell (216–512 atoms) with
   its supercell Hessian from the DFT force constants (almd.dataset.phonon_hessian),
-  zero force/stress labels, one random Hessian column per step;
+  zero force/stress labels, one random Hessian column per step (a random material,
+  then a random column of it other than its validation columns);
 - EFS structures (--efs-batch 1): the DFT displaced supercells with their forces.
   Default --efs-batch 0: a step with the phonon supercell and a displaced one
   (up to 432 + 432 atoms) needs 7–10 GB, more than the shared machine had free
   (the first run was OOM-killed). The displaced supercells' forces are, to first
   order, 0.01 Å × the Hessian columns the DFT measured, so the Hessian labels
   carry their information; they are still used for the phonon errors below;
-- validation: fixed Hessian columns — the columns the DFT measured directly
-  (displaced atom, displacement direction; up to 2 per material) — every
-  --eval-every steps on the EMA weights; early stopping keeps the best EMA weights.
+- validation: fixed Hessian columns at distinct sites — one per atom the DFT
+  displaced (phonopy displaces one atom of each symmetry-distinct site), in the
+  direction of its first displacement's largest component, one site of each element
+  first, up to --val-columns per material. These exact columns are held out of the
+  training draws; their symmetry images (other atoms of the same site, other
+  directions) are not, so validation measures how well each material's force
+  constants are fitted, not transfer. Every --eval-every steps on the EMA weights;
+  early stopping (--patience evaluations without improvement) keeps the best EMA weights.
   The data carry no energies, so no per-element energy shifts are fitted.
 
-Measured: (1) the wall time of one PFT training step (EFS + one Hessian column,
-float32, 1 thread; forward + backward, as in Finetuner.train_step) on the
-smallest and on a 512-atom supercell; (2) per material, the phonon errors of
+Measured: (1) the wall time of each training step (one Hessian column + zero F/σ
+of one perfect supercell, float32, 1 thread; forward, third-order backward, AdamW
+and EMA update), per material, and of each validation pass; with --time-repeats > 0
+also a forward + backward of EFS + one Hessian column (perfect + one displaced
+supercell) on the smallest and (--time-512) on a 512-atom supercell; (2) per material, the phonon errors of
 benchmarks/bench_chalcogenides.py (same metrics, at the DFT geometry, on the
 DFT's own supercell and displacements, phonopy mesh length 100) for SevenNet-0
 and for the fine-tuned model, beside MACE-MP-0b3's published errors
@@ -34,13 +42,13 @@ machine's load; the JSON records how many steps ran). Checkpoints and per-materi
 results are cached under --output, so re-running the same command resumes.
 
     OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=131072 nohup python benchmarks/bench_chalcogenides_pft.py \\
-        --output /work/runs/chalco > /work/runs/chalco/run.log 2>&1 &
+        --output /work/runs/chalco2 --lr 1e-4 > /work/runs/chalco2/run.log 2>&1 &
 
-Default materials: the 4 smallest supercells, BaTe (216 atoms), K₆Sb₂ (256),
-Ba₈Pb₄ (288), SnSe (400); larger ones were OOM-killed on the shared machine
-(see DEFAULT_MATERIALS). MALLOC_MMAP_THRESHOLD_=131072 keeps glibc from holding
-freed autograd buffers of different sizes (resident memory stays near the peak
-of one step).
+Default materials: the 6 smallest supercells, BaTe (216 atoms), K₆Sb₂ (256),
+Ba₈Pb₄ (288), SnSe (400), SnS (400), Na₂Tl₂ (432); --materials all takes the 16.
+MALLOC_MMAP_THRESHOLD_=131072 keeps glibc from holding freed autograd buffers of
+different sizes (resident memory stays near the peak of one step; without it two
+earlier runs were OOM-killed at 6.4–7 GB).
 Writes <output>/pft_chalcogenides.json and <output>/table.md; prints the table.
 """
 
@@ -59,12 +67,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_chalcogenides import DATA, METRICS, mace_errors, run_material  # noqa: E402
 
-# The 4 smallest supercells (≤ 400 atoms). Memory is what limits this on the shared 23 GB
-# machine: with GeTe (512 + 512-atom step, ~10 GB) and then with the two 432-atom Na
-# compounds (6.4 GB resident) in the set, training was OOM-killed. The 6 cheapest are
-# SIX_CHEAPEST (pass them with --materials on a machine with ≥ 12 GB free).
-DEFAULT_MATERIALS = ["mp-1000", "mp-14017", "mp-21246", "mp-691"]
-SIX_CHEAPEST = ["mp-1000", "mp-14017", "mp-21246", "mp-1564", "mp-866132", "mp-2612"]
+# The 6 smallest supercells (a step's cost grows with the atom count): BaTe 216, K6Sb2 256,
+# Ba8Pb4 288, SnSe 400, SnS 400, Na2Tl2 432 atoms. Next: Na2SbTl 432, Sb2Te3 and Bi2Te3 450,
+# five at 512, ZnSb 576, Zn3As2 640.
+DEFAULT_MATERIALS = ["mp-1000", "mp-14017", "mp-21246", "mp-691", "mp-2231", "mp-1564"]
 BASELINE_CACHE = Path("/tmp/almd-bench-chalcogenides/sevennet-0")  # bench_chalcogenides.py's default cache
 BASELINE_JSON = Path(__file__).resolve().parent / "chalcogenides_sevennet0.json"
 
@@ -91,14 +97,25 @@ def load_material(material: str, data: Path, max_val_columns: int) -> dict[str, 
     supercell, hessian = phonon_hessian(ph)
     supercell.info["hessian"] = hessian
     phonon = sample_from_atoms(supercell, f"{material}:supercell")
-    # The columns DFT measured directly: displaced atom, main direction of its displacement
-    columns = []
-    for d in ph.dataset["first_atoms"]:
-        col = 3 * int(d["number"]) + int(np.argmax(np.abs(d["displacement"])))
-        if col not in columns:
-            columns.append(col)
+    columns = validation_columns(ph.dataset["first_atoms"], supercell.get_chemical_symbols(), max_val_columns)
+    # the validation columns are never drawn for training
+    phonon.columns = tuple(j for j in range(3 * len(supercell)) if j not in columns)
     return {"material": material, "formula": supercell.get_chemical_formula(), "phonon": phonon, "efs": efs,
-            "val_columns": columns[:max_val_columns], "n_atoms": len(supercell), "n_displacements": len(efs)}
+            "val_columns": columns, "n_atoms": len(supercell), "n_displacements": len(efs)}
+
+
+def validation_columns(first_atoms: list[dict], symbols: list[str], limit: int) -> list[int]:
+    """One Hessian column per atom the DFT displaced (one atom per symmetry-distinct site):
+    3·atom + the largest component of its first displacement. One site of each element
+    comes first, then the others, in the data set's order; at most ``limit``."""
+    sites: dict[int, int] = {}  # displaced atom -> its column
+    for d in first_atoms:
+        sites.setdefault(int(d["number"]), 3 * int(d["number"]) + int(np.argmax(np.abs(d["displacement"]))))
+    first, rest, seen = [], [], set()
+    for atom, col in sites.items():
+        (rest if symbols[atom] in seen else first).append(col)
+        seen.add(symbols[atom])
+    return (first + rest)[:limit]
 
 
 def time_step(trainer: Any, phonon: Any, efs: Any, column: int, repeats: int) -> list[float]:
@@ -124,9 +141,13 @@ def drawn_materials(trainer: Any, seed: int, steps: int, names: list[str]) -> li
     out = []
     for _ in range(steps):
         idx = rng.integers(len(trainer.phonon), size=run.batch_size)
-        for i in idx:
+        for i in idx:  # the same draw as train_step's, to keep the stream in step
             out.append(names[i])
-            rng.integers(3 * len(trainer.phonon[i].atoms))
+            s = trainer.phonon[i]
+            if s.columns is None:
+                rng.integers(3 * len(s.atoms))
+            else:
+                rng.choice(s.columns)
         if trainer.efs and run.efs_batch:
             rng.integers(len(trainer.efs), size=run.efs_batch)
     return out
@@ -185,12 +206,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="wall-time budget for training (checked before each chunk of --eval-every steps)")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--patience", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-4,
-                   help="AdamW lr (PFT: 1e-4 over ~150 epochs; raised for a budget of tens of steps)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="AdamW lr (PFT's; 3e-4 made the first 10-step run worse on Ba8Pb4 and SnSe)")
     p.add_argument("--efs-batch", type=int, default=0,
                    help="displaced DFT supercells added to each step (0: Hessian + zero-force labels only; memory)")
-    p.add_argument("--val-columns", type=int, default=2, help="fixed validation Hessian columns per material")
-    p.add_argument("--time-repeats", type=int, default=2, help="timed steps on the smallest supercell")
+    p.add_argument("--val-columns", type=int, default=3,
+                   help="fixed validation Hessian columns per material, at distinct displaced sites")
+    p.add_argument("--time-repeats", type=int, default=0,
+                   help="separately timed EFS + Hessian-column steps on the smallest supercell (0: none; "
+                        "the training steps are timed anyway)")
     p.add_argument("--time-512", action="store_true", default=False,
                    help="also time one step on the first 512-atom supercell (the issue's reference size)")
     p.add_argument("--no-time-512", dest="time_512", action="store_false")
@@ -216,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         summary_path.write_text(json.dumps(summary, indent=1, default=float))
 
-    materials = [load_material(m, args.data, args.val_columns) for m in args.materials]
+    wanted = sorted(p.name.split(".")[0] for p in args.data.glob("mp-*.phonopy.yaml*")) \
+        if args.materials == ["all"] else args.materials
+    materials = [load_material(m, args.data, args.val_columns) for m in wanted]
     names = [m["material"] for m in materials]
     print(f"loaded {len(materials)} materials in {time.perf_counter() - t_start:.0f} s: "
           + ", ".join(f"{m['material']} {m['formula']} {m['n_atoms']}×{m['n_displacements']}" for m in materials),
@@ -234,14 +260,24 @@ def main(argv: list[str] | None = None) -> int:
     phonon = [m["phonon"] for m in materials]
     efs = [s for m in materials for s in m["efs"]] if args.efs_batch > 0 else []
     trainer = Finetuner(cfg, phonon=phonon, efs=efs, validation=phonon)
-    trainer.val_columns = [m["val_columns"] for m in materials]  # DFT-measured columns, not 0,1,2 of atom 0
+    # the trainer would take the first training columns; these are the held-out, distinct-site ones
+    trainer.val_columns = [m["val_columns"] for m in materials]
+    validate = trainer.validate
+
+    def timed_validate() -> dict[str, float]:  # the cost of a validation pass lands in the history
+        t0 = time.perf_counter()
+        metrics = validate()
+        metrics["val_seconds"] = time.perf_counter() - t0
+        return metrics
+
+    trainer.validate = timed_validate
     summary.update(materials=names, formulas={m["material"]: m["formula"] for m in materials},
                    validation_columns={m["material"]: m["val_columns"] for m in materials},
                    energy_shifts=trainer.energy_shifts, config=cfg.to_dict(), threads=args.threads,
                    torch_threads=torch.get_num_threads())
 
     # (1) one PFT step, before any training (no optimiser step: the run is unaffected)
-    if "step_time" not in summary:
+    if "step_time" not in summary and args.time_repeats > 0:
         small = min(materials, key=lambda m: m["n_atoms"])
         timing: dict[str, Any] = {"what": "forward + backward of one PFT step: perfect supercell (zero F/σ, "
                                   "one Hessian column) + one DFT displaced supercell (EFS)"}
@@ -254,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         timing["load_average_1min"] = os.getloadavg()[0]
         summary["step_time"] = timing
         save()
-    for k, v in summary["step_time"].items():
+    for k, v in summary.get("step_time", {}).items():
         if isinstance(v, dict):
             print(f"one PFT step (EFS + 1 Hessian column), {k} ({v['material']}): "
                   f"{', '.join(f'{s:.1f}' for s in v['seconds'])} s", file=sys.stderr, flush=True)
@@ -270,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         if summary.get("stopped_early") or done >= args.max_steps:
             break
         elapsed = time.perf_counter() - t_train
-        est = max(chunk_s) if chunk_s else 0.0
+        est = max(chunk_s) if chunk_s else 0.0  # the longest chunk so far (the first without step 0's validation)
         if result is not None and elapsed + est > 60 * args.train_minutes:
             summary["stopped_by"] = "time budget"
             break
@@ -280,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         # at the end of a chunk do not leak into the next one
         result = trainer.fit(resume=True)
         chunk_s.append(time.perf_counter() - t0)
+        if done == 0:
+            chunk_s[-1] -= trainer.initial_validation.get("val_seconds", 0.0)
         last = trainer.history[-1]
         print(f"step {trainer.step}: val loss {last.get('val_loss', float('nan')):.4g}, "
               f"val Hessian MAE {last.get('val_hessian_mae', float('nan')):.4g} eV/Å² "
@@ -294,12 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     summary.setdefault("stopped_by", "max steps")
     history = trainer.history
     plain = [h["seconds"] for h in history if "val_loss" not in h]
+    val_s = [v["val_seconds"] for v in [trainer.initial_validation] + history if "val_seconds" in v]
     drawn = drawn_materials(trainer, args.seed, trainer.step, names)
     by_material = {n: [h["seconds"] for h, d in zip(history, drawn) if d == n and "val_loss" not in h] for n in names}
     summary["training"] = {
         "steps_done": trainer.step, "best_step": trainer.best["step"], "lr": args.lr,
         "initial_validation": trainer.initial_validation, "best_validation": trainer.best["metrics"],
         "median_step_seconds": float(np.median(plain)) if plain else None,
+        "validation_columns": sum(len(c) for c in trainer.val_columns),
+        "validation_pass_seconds": val_s, "load_average_1_5_15min_end": os.getloadavg(),
         "train_minutes_this_run": (time.perf_counter() - t_train) / 60,
         "steps_per_material": {n: drawn.count(n) for n in names},
         "median_step_seconds_by_material": {n: float(np.median(v)) if v else None for n, v in by_material.items()},
