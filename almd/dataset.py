@@ -450,3 +450,41 @@ def phonon_hessian(dataset_path: str | Path | Any) -> tuple[Atoms, np.ndarray]:
     if not random:
         ph.symmetrize_force_constants()
     return _to_ase(ph.supercell), hessian_from_force_constants(ph.force_constants)
+
+
+def third_order_hessians(dataset_path: str | Path | Any, min_signal: float = 0.1,
+                         symmetrize: bool = True) -> list[Atoms]:
+    """The displaced supercells of a phono3py data set, each with the Hessian that the
+    data's own force constants give at its geometry: H(u) = Φ2 + Φ3·u (eV/Å²).
+
+    These are third-order labels: a model that matches H(u) for the measured u has the
+    data's fc3 along them, which forces at 0.03 Å alone pin down poorly (a 0.5 meV/Å
+    force error is already ~1 eV/Å³ in fc3). ``info['hessian']`` holds H(u) and
+    ``info['hessian_columns']`` the columns whose third-order part Φ3·u has at least
+    ``min_signal`` of the largest one's norm (elsewhere H(u) is just Φ2); the DFT forces
+    and energy stay as labels. ``symmetrize``: phono3py's fc3 symmetrisation (as its
+    command line and almd.phonons.kappa do; ~1 min for a 64-atom cell).
+    """
+    ph = _phonon_object(dataset_path, is_compact_fc=False)
+    if not hasattr(ph, "produce_fc3"):
+        raise ValueError(f"{dataset_path}: third-order labels need a phono3py data set")
+    random = "displacements" in ph.dataset
+    ph.produce_fc3(is_compact_fc=False, fc_calculator="symfc" if random else None)
+    if symmetrize and not random:
+        ph.symmetrize_fc3()
+    _, h2 = phonon_hessian(ph)
+    fc3 = ph.fc3
+    perfect = _to_ase(ph.supercell)
+    n = len(perfect)
+    out = []
+    for atoms in displaced_supercells(ph):
+        if atoms.info.get("set") != "fc3":
+            continue
+        u = atoms.positions - perfect.positions
+        u -= (np.round(u @ np.linalg.inv(perfect.cell.array)) @ perfect.cell.array)  # minimum image
+        dh = np.einsum("ijkabc,kc->iajb", fc3, u).reshape(3 * n, 3 * n)
+        strength = np.linalg.norm(dh, axis=0)
+        atoms.info["hessian"] = h2 + dh
+        atoms.info["hessian_columns"] = np.flatnonzero(strength >= min_signal * strength.max()).tolist()
+        out.append(atoms)
+    return out

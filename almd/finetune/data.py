@@ -58,10 +58,14 @@ def sample_from_atoms(atoms: Atoms, name: str = "") -> Sample:
         forces = np.zeros((len(atoms), 3)) if forces is None else forces
         if stress is None and atoms.pbc.all():
             stress = np.zeros((3, 3))
+    columns = atoms.info.get("hessian_columns")
+    if columns is not None:  # a displaced geometry (third-order labels): not a relaxed structure
+        stress = None if res.get("stress") is None else stress
+        columns = tuple(int(j) for j in columns)
     frame = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     return Sample(frame, None if res.get("energy") is None else float(res["energy"]),
                   None if forces is None else np.asarray(forces, dtype=float), stress, hessian,
-                  name or atoms.get_chemical_formula())
+                  name or atoms.get_chemical_formula(), columns=columns)
 
 
 def _is_phonon_set(path: Path) -> bool:
@@ -102,6 +106,23 @@ def load_phonon(path: str | Path) -> list[Sample]:
         return [sample_from_atoms(supercell, f"{file.parent.name}/{file.name}:supercell")]
     out = [sample_from_atoms(a, f"{path.name}[{i}]") for i, a in enumerate(_frames(path))]
     return [s for s in out if s.hessian is not None]
+
+
+def load_third_order(path: str | Path, min_signal: float = 0.1) -> list[Sample]:
+    """Third-order samples of a phono3py data set: each displaced supercell with its DFT
+    forces and the Hessian Φ2 + Φ3·u of the data's force constants, columns restricted to
+    where Φ3·u is (almd.dataset.third_order_hessians)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"phonon data not found: {path}")
+    from almd.dataset import third_order_hessians
+
+    file = _phonon_file(path)
+    try:
+        frames = third_order_hessians(file, min_signal)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    return [sample_from_atoms(a, f"{file.name}:third-order[{a.info.get('index', i)}]") for i, a in enumerate(frames)]
 
 
 def load_efs(path: str | Path) -> list[Sample]:
