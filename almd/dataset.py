@@ -461,8 +461,9 @@ def third_order_hessians(dataset_path: str | Path | Any, min_signal: float = 0.1
     data's fc3 along them, which forces at 0.03 Å alone pin down poorly (a 0.5 meV/Å
     force error is already ~1 eV/Å³ in fc3). ``info['hessian']`` holds H(u) and
     ``info['hessian_columns']`` the columns whose third-order part Φ3·u has at least
-    ``min_signal`` of the largest one's norm (elsewhere H(u) is just Φ2); the DFT forces
-    and energy stay as labels. ``symmetrize``: phono3py's fc3 symmetrisation (as its
+    ``min_signal`` of the largest one's norm (elsewhere H(u) is just Φ2),
+    ``info['hessian_third_order']`` the part Φ3·u alone and ``info['perfect_positions']``
+    the undisplaced positions (same periodic images); the DFT forces and energy stay as labels. ``symmetrize``: phono3py's fc3 symmetrisation (as its
     command line and almd.phonons.kappa do; ~1 min for a 64-atom cell).
     """
     ph = _phonon_object(dataset_path, is_compact_fc=False)
@@ -485,6 +486,8 @@ def third_order_hessians(dataset_path: str | Path | Any, min_signal: float = 0.1
         dh = np.einsum("ijkabc,kc->iajb", fc3, u).reshape(3 * n, 3 * n)
         strength = np.linalg.norm(dh, axis=0)
         atoms.info["hessian"] = h2 + dh
+        atoms.info["hessian_third_order"] = dh
+        atoms.info["perfect_positions"] = atoms.positions - u
         atoms.info["hessian_columns"] = np.flatnonzero(strength >= min_signal * strength.max()).tolist()
         out.append(atoms)
     return out

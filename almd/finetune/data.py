@@ -33,15 +33,25 @@ class Sample:
     hessian: np.ndarray | None = None  # (3n, 3n) eV/Å², no mass weighting
     name: str = ""
     # Hessian columns worth drawing; None: any. At a displaced geometry only the columns
-    # near the displaced atoms carry the third-order signal Φ3·u (see kappa_labels).
+    # near the displaced atoms carry the third-order signal Φ3·u (load_third_order).
     columns: tuple[int, ...] | None = None
+    # A third-order sample's mirror geometry x − u: its `hessian` is then the odd part Φ3·u
+    # and the model's is (H(x+u) − H(x−u))/2, which cancels Φ2 (and the model's error in it)
+    # and Φ4·u·u, so the term measures the third order alone.
+    mirror: Atoms | None = None
     _pairs: NeighborPairs | None = field(default=None, repr=False)
+    _mirror_pairs: NeighborPairs | None = field(default=None, repr=False)
 
     def pairs(self, cutoff: float) -> NeighborPairs:
         # positions never change during training: one neighbour list per sample
         if self._pairs is None:
             self._pairs = neighbor_pairs(self.atoms, cutoff)
         return self._pairs
+
+    def mirror_pairs(self, cutoff: float) -> NeighborPairs:
+        if self._mirror_pairs is None:
+            self._mirror_pairs = neighbor_pairs(self.mirror, cutoff)
+        return self._mirror_pairs
 
 
 def sample_from_atoms(atoms: Atoms, name: str = "") -> Sample:
@@ -108,10 +118,15 @@ def load_phonon(path: str | Path) -> list[Sample]:
     return [s for s in out if s.hessian is not None]
 
 
-def load_third_order(path: str | Path, min_signal: float = 0.1) -> list[Sample]:
-    """Third-order samples of a phono3py data set: each displaced supercell with its DFT
-    forces and the Hessian Φ2 + Φ3·u of the data's force constants, columns restricted to
-    where Φ3·u is (almd.dataset.third_order_hessians)."""
+def load_third_order(path: str | Path, min_signal: float = 0.1, odd: bool = True) -> list[Sample]:
+    """Third-order samples of a phono3py data set: each displaced supercell x + u with its
+    DFT forces and a Hessian label from the data's force constants, columns restricted to
+    where Φ3·u is (almd.dataset.third_order_hessians).
+
+    ``odd`` (default): the label is Φ3·u and the sample carries its mirror x − u, so the
+    term compares the odd part of the model's Hessian, free of its fc2 error (see
+    :class:`Sample`). Otherwise the label is the whole H(x+u) = Φ2 + Φ3·u.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"phonon data not found: {path}")
@@ -122,7 +137,16 @@ def load_third_order(path: str | Path, min_signal: float = 0.1) -> list[Sample]:
         frames = third_order_hessians(file, min_signal)
     except ValueError as exc:
         raise DataError(str(exc)) from None
-    return [sample_from_atoms(a, f"{file.name}:third-order[{a.info.get('index', i)}]") for i, a in enumerate(frames)]
+    out = []
+    for i, a in enumerate(frames):
+        s = sample_from_atoms(a, f"{file.name}:third-order[{a.info.get('index', i)}]")
+        if odd:
+            s.hessian = a.info["hessian_third_order"]
+            s.mirror = a.copy()
+            s.mirror.calc = None
+            s.mirror.positions = 2 * a.info["perfect_positions"] - a.positions
+        out.append(s)
+    return out
 
 
 def load_efs(path: str | Path) -> list[Sample]:

@@ -20,9 +20,11 @@ from almd.potentials import (
 )
 
 
-def _graph(potential: Potential, samples: list[Sample], dtype: torch.dtype):
-    return build_graph([s.atoms for s in samples], potential.cutoff, dtype,
-                       pairs=[s.pairs(potential.cutoff) for s in samples])
+def _graph(potential: Potential, samples: list[Sample], dtype: torch.dtype, mirrors: list[Sample] = ()):
+    """One batch graph: the samples, then the mirror geometries of ``mirrors``."""
+    return build_graph([s.atoms for s in samples] + [s.mirror for s in mirrors], potential.cutoff, dtype,
+                       pairs=[s.pairs(potential.cutoff) for s in samples]
+                       + [s.mirror_pairs(potential.cutoff) for s in mirrors])
 
 
 def _penalty(diff: torch.Tensor, huber: float | None) -> torch.Tensor:
@@ -99,18 +101,28 @@ def pft_terms(potential: Potential, samples: list[Sample], columns: list[int | N
     want_stress = _want_stress(samples)
     terms, counts, errors = {}, {}, []
     if phonon:
-        graph = _graph(potential, phonon, dtype)
+        # third-order samples bring their mirror geometry x − u into the same HVP (after
+        # the samples, so the EFS terms read the samples' rows as before)
+        mirrored = [k for k, s in enumerate(phonon) if s.mirror is not None]
+        graph = _graph(potential, phonon, dtype, [phonon[k] for k in mirrored])
         vectors = torch.zeros_like(graph.positions)
         flat, start, picked = vectors.view(-1), 0, []
         for s, k in zip(phonon, with_column):
             flat[3 * start + columns[k]] = 1.0
-            picked.append((start, s, columns[k]))
+            picked.append([start, s, columns[k], None])
             start += len(s.atoms)
+        for k in mirrored:
+            flat[3 * start + picked[k][2]] = 1.0
+            picked[k][3] = start
+            start += len(phonon[k].atoms)
         out = energy_forces_stress_hvp(potential, graph, vectors, stress=want_stress, create_graph=create_graph)
         terms, counts = _efs_from(out, phonon, dtype, None, want_stress)
         hv = out["hessian_vector"].reshape(-1)
-        errors = [(hv[3 * a:3 * (a + len(s.atoms))] - torch.as_tensor(s.hessian[:, j], dtype=dtype)).abs().mean()
-                  for a, s, j in picked]
+        for a, s, j, m in picked:
+            column = hv[3 * a:3 * (a + len(s.atoms))]
+            if m is not None:  # the odd part (H(x+u) − H(x−u))/2 = Φ3·u + O(u³)
+                column = 0.5 * (column - hv[3 * m:3 * (m + len(s.atoms))])
+            errors.append((column - torch.as_tensor(s.hessian[:, j], dtype=dtype)).abs().mean())
     if rest:
         graph = _graph(potential, rest, dtype)
         out = energy_forces_stress(potential, graph, forces=True, stress=want_stress, create_graph=create_graph)
