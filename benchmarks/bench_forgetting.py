@@ -15,7 +15,9 @@ variants that differ only in co-training:
 
 Co-training is PFT's: replay_ratio = 4 replay steps after each phonon step,
 Huber (δ 0.1) EFS loss with weights E 500 / F 200 / σ 50, λ_E = 0 on the Si
-batches. Everything else (steps, lr, EMA, seed, validation) is identical; the
+batches. The EMA is updated once per step (after its replay steps) in every
+variant; before 2026-11-22 ~06:30 UTC the trainer updated it after every
+optimiser update, i.e. 5× per step with replay (the /work/runs/forget numbers). Everything else (steps, lr, EMA, seed, validation) is identical; the
 step budget is fixed (patience 0) and the best-validation EMA weights are kept,
 as in the example.
 

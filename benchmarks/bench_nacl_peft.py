@@ -21,9 +21,11 @@ displaced cells' energies differ by < 0.1 meV/atom: the energy label only fixes
 the offset, and Adam's first sign-like steps jitter that offset by a few meV/atom,
 which at λ_E = 20 outweighs any force improvement in the validation loss.
 Learning rates: 1e-4 for full and delta (PFT's), 1e-3 for lora (B starts at zero)
-and scratch (random weights). Note that with AdamW's decoupled weight decay,
-lr·wd = 1e-7 per step, so over a short budget delta (ω₀ + Δω) takes the same
-steps as full. Per-element energy shifts are fitted once per pool (least squares
+and scratch (random weights). AdamW's decoupled weight decay alone pulls Δω by
+lr·wd = 1e-7 per step, so without more delta (ω₀ + Δω) takes the same steps as
+full; delta runs therefore carry the fine-tuner's explicit λ_Δ·‖Δω‖² penalty
+(optim.delta_l2; default 1, --delta-l2 to change it; recorded in each result as
+"delta_l2", absent from results made before the penalty existed). Per-element energy shifts are fitted once per pool (least squares
 on the starting model's energies; for 'scratch' on the re-initialised model,
 whose energies they must correct) and applied before training.
 
@@ -43,7 +45,7 @@ supercells against the DFT fc2 from the 50 test ones.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_nacl_peft.py [--steps 30] [--eval-every 10] [--patience 2] \\
         [--n 10 50] [--later 25] [--strategies lora full scratch delta] [--energy-weight 1] \\
-        [--root /work/runs/nacl] [--stop-by 05:05]
+        [--root /work/runs/nacl] [--stop-by 05:05] [--delta-l2 1]
 
 Runs go strategy by strategy over --n, then every strategy for the --later sizes,
 so that under a time limit each strategy is measured at the smallest and largest
@@ -185,11 +187,14 @@ def run_one(n: int, strategy: str, args: argparse.Namespace, cells: list, base: 
     shifts = fit_shifts([a.numbers for a in pool], pool_e, np.array([a.get_potential_energy() for a in pool]))
     apply_energy_shifts(pot, shifts)
 
+    optim: dict[str, Any] = {"lr": LEARNING_RATES[strategy]}
+    if strategy == "delta" and args.delta_l2 is not None:
+        optim["delta_l2"] = args.delta_l2
     cfg = FinetuneConfig.from_dict({
         "model": {"name": "sevennet-0", "strategy": strategy, "dtype": "float32"},
         "data": {"fit_energy_shifts": False},  # applied above, from cached energies
         "loss": {"energy": args.energy_weight},
-        "optim": {"lr": LEARNING_RATES[strategy]},
+        "optim": optim,
         "run": {"steps": args.steps, "eval_every": args.eval_every, "patience": args.patience,
                 "checkpoint_every": args.eval_every, "seed": args.seed, "output": str(out_dir),
                 "threads": 1, "progress": False},
@@ -216,7 +221,8 @@ def run_one(n: int, strategy: str, args: argparse.Namespace, cells: list, base: 
     res = metrics(e_pred, f_pred, test, base["displacements"], template, dft)
     step_times = [h["seconds"] for h in result.history if "val_loss" not in h]
     res.update({
-        "n_train": n, "strategy": strategy, "lr": LEARNING_RATES[strategy], "energy_weight": args.energy_weight, "trainable_parameters": n_trainable,
+        "n_train": n, "strategy": strategy, "lr": LEARNING_RATES[strategy], "energy_weight": args.energy_weight,
+        "delta_l2": cfg.delta_l2_weight, "trainable_parameters": n_trainable,
         "energy_shifts_eV": {str(k): v for k, v in shifts.items()},
         "steps_budget": args.steps, "steps_done": result.steps_done, "best_step": result.best_step,
         "stopped_early": result.stopped_early,
@@ -237,7 +243,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         p = r["phonons"]
         steps = f"{r['best_step']}/{r['steps_done']}" if "best_step" in r else "–"
-        cells = [str(r.get("n_train", "–")), r["strategy"],
+        name = r["strategy"]
+        if name == "delta":  # results from before the Δω penalty carry no "delta_l2"
+            name = f"delta, λ_Δ {r['delta_l2']:g}" if "delta_l2" in r else "delta, no L2 (wd only)"
+        cells = [str(r.get("n_train", "–")), name,
                  f"{r['trainable_parameters']:,}" if "trainable_parameters" in r else "–", steps,
                  f"{r['force_mae_meV_A']:.2f}" if "force_mae_meV_A" in r else "–",
                  f"{r['energy_mae_meV_atom']:.2f}" if "energy_mae_meV_atom" in r else "–",
@@ -269,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--energy-weight", type=float, default=1.0, help="λ_E (eV/atom); λ_F stays 20")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--delta-l2", type=float, default=None,
+                   help="λ_Δ of the ‖Δω‖² penalty for strategy delta (default: the fine-tuner's, 1)")
     p.add_argument("--stop-by", default=None, help="UTC HH:MM: do not start a run that would end later")
     args = p.parse_args(argv)
 

@@ -110,6 +110,19 @@ def test_delta_zero_equals_base_and_trains_only_delta(base, sic8):
     e1, f1, _ = efs(pot, sic8)
     assert e1 == e0
     np.testing.assert_array_equal(f1, f0)
+    # ‖Δω‖²: zero at the start, the sum of squares of every Δω after a change, differentiable
+    assert float(adapters.delta_sq_norm(pot)) == 0.0
+    randomize_b(pot, scale=0.01)
+    deltas = adapters.delta_parameters(pot)
+    assert len(deltas) == len(names)
+    expected = sum(float((p.detach() ** 2).sum()) for p in deltas)
+    norm = adapters.delta_sq_norm(pot)
+    assert expected > 0 and float(norm) == pytest.approx(expected, rel=1e-12)
+    (g,) = torch.autograd.grad(norm, [deltas[0]])
+    torch.testing.assert_close(g, 2 * deltas[0].detach())
+    lora = fresh(base)
+    adapters.add_lora(lora)
+    assert adapters.delta_parameters(lora) == [] and float(adapters.delta_sq_norm(lora)) == 0.0
 
 
 def test_freeze_groups_and_scratch(base):

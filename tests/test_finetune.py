@@ -197,3 +197,98 @@ def test_bad_input_is_rejected_before_training(base, si2_target, tmp_path):
         Finetuner(config(tmp_path, data={"validation_fraction": 0.0}), potential=pot, efs=[ok])
     with pytest.raises(DataError, match="no training data"):
         Finetuner(cfg, potential=pot)
+
+
+def test_delta_l2_penalty_keeps_delta_closer_to_the_base_than_full(base, si2_target, tmp_path):
+    """Strategy "delta" adds λ_Δ·‖Δω‖² to the loss; without it delta trains like full."""
+    assert config(tmp_path, model={"strategy": "delta"}).delta_l2_weight == 1.0  # the default
+    assert config(tmp_path).delta_l2_weight == 0.0
+    lam = 100.0
+
+    def drift(strategy, steps=4, **optim):
+        cfg = config(tmp_path / f"{strategy}{optim}", model={"strategy": strategy},
+                     optim={"lr": 1e-3, "ema": 0.0, **optim})
+        trainer = Finetuner(cfg, potential=copy.deepcopy(base), phonon=[si2_target])
+        start = {k: p.detach().clone() for k, p in trainer.potential.named_parameters()}
+        records = [trainer.train_step() for _ in range(steps)]
+        if strategy == "delta":
+            sq = float(trainer.delta_penalty().detach())
+        else:
+            sq = sum(float(((p.detach() - start[k]) ** 2).sum()) for k, p in trainer.named_trainable.items())
+        return sq ** 0.5, records, trainer
+
+    full, full_records, _ = drift("full")
+    plain, plain_records, _ = drift("delta", delta_l2=0.0)
+    penalised, records, trainer = drift("delta", delta_l2=lam)
+    assert all("delta_l2" not in r for r in full_records + plain_records)
+    # without the penalty ω₀ + Δω takes full fine-tuning's steps (AdamW's decay is only lr·wd)
+    assert plain == pytest.approx(full, rel=1e-3)
+    assert full > 0.01
+    assert penalised < 0.8 * full
+    # the logged loss is the data terms plus λ_Δ·‖Δω‖² (‖Δω‖² as it was before the step's update)
+    w = trainer.weights()
+    assert records[0]["delta_l2"] == 0.0
+    for r in records[1:]:
+        data = sum(w[k] * r[k] for k in ("energy", "forces", "stress", "hessian") if k in r and w[k] > 0)
+        assert r["delta_l2"] > 0
+        assert r["loss"] == pytest.approx(data + lam * r["delta_l2"], rel=1e-9)
+        assert lam * r["delta_l2"] > 1e-3 * data
+    # validation never includes it
+    v = trainer.validate()
+    terms = losses.pft_terms(trainer.potential, [trainer.val_phonon[0]], [0], torch.float64, create_graph=False)
+    assert v["val_loss"] == pytest.approx(sum(w[k] * float(t.detach()) for k, t in terms.items()), rel=1e-9)
+    with pytest.raises(ConfigError, match=r"optim.delta_l2 = 0.5 is not allowed.*model.strategy = 'delta'"):
+        FinetuneConfig.from_dict({"model": {"strategy": "lora"}, "optim": {"delta_l2": 0.5}})
+
+
+def labelled(atoms, energy, forces):
+    a = atoms.copy()
+    a.calc = SinglePointCalculator(a, energy=energy, forces=forces)
+    return a
+
+
+def test_given_replay_energies_get_the_fitted_shifts(base, si2_target, tmp_path):
+    """A base-labelled replay file sits at the base's energy reference: the shifts fitted on the
+    fine-tuning labels (and applied to the model) are added to its energies too."""
+    def base_labels(atoms):
+        out = potentials.energy_forces_stress(base, build_graph(atoms, base.cutoff, torch.float64), stress=False)
+        return float(out["energy"].detach().sum()), out["forces"].detach().numpy()
+
+    si = bulk("Si", "diamond", a=5.43, cubic=True)
+    si.rattle(0.03, seed=3)
+    e, f = base_labels(si)
+    efs = [labelled(si, e + 8 * 1.5, f)]  # another DFT reference: +1.5 eV per Si
+    sic = bulk("SiC", "zincblende", a=4.36, cubic=True)
+    sic.rattle(0.04, seed=5)
+    replay = [labelled(sic, *base_labels(sic))]
+    opts = dict(data={"validation_fraction": 0.0}, loss={"replay_ratio": 1}, optim={"ema": 0.0})
+
+    trainer = Finetuner(config(tmp_path / "a", **opts), potential=copy.deepcopy(base), efs=efs,
+                        validation=[si2_target], replay=replay)
+    assert trainer.energy_shifts[14] == pytest.approx(1.5, abs=1e-6)
+    # 4 Si (shifted) + 4 C (no label, no shift)
+    assert trainer.replay[0].energy == pytest.approx(replay[0].get_potential_energy() + 4 * 1.5, abs=1e-6)
+    assert replay[0].get_potential_energy() == base_labels(sic)[0]  # the caller's data untouched
+    # model and replay labels now agree: zero replay energy error before any training
+    terms = losses.efs_terms(trainer.potential, trainer.replay, torch.float64, create_graph=False)
+    assert float(terms["energy"].detach()) < 1e-8
+    # data.shift_replay = false: the replay labels are taken as they are
+    kept = Finetuner(config(tmp_path / "b", **{**opts, "data": {"validation_fraction": 0.0, "shift_replay": False}}),
+                     potential=copy.deepcopy(base), efs=efs, validation=[si2_target], replay=replay)
+    assert kept.replay[0].energy == replay[0].get_potential_energy()
+    assert float(losses.efs_terms(kept.potential, kept.replay, torch.float64, create_graph=False)["energy"].detach()) \
+        == pytest.approx(0.75, abs=1e-6)  # 4 × 1.5 eV over 8 atoms
+
+
+def test_ema_counts_steps_not_replay_updates(base, si2_target, tmp_path):
+    d = bulk("Si", "diamond", a=5.43)
+    d.rattle(0.05, seed=2)
+    d = labelled(d, -10.0, np.full((2, 3), 0.1))
+    cfg = config(tmp_path, data={"replay": "self", "replay_count": 2, "validation_fraction": 0.0},
+                 loss={"replay_ratio": 3}, run={"steps": 2, "eval_every": 2})
+    trainer = Finetuner(cfg, potential=copy.deepcopy(base), phonon=[si2_target], efs=[d])
+    assert trainer.config.co_training and trainer.replay
+    for _ in range(2):
+        record = trainer.train_step()
+    assert "replay" in record
+    assert trainer.ema.updates == 2  # not 2 × (1 + 3)

@@ -38,6 +38,11 @@ class DataConfig:
     replay_rattle: float = 0.03  #: Å, Gaussian displacement of self-distilled structures
     replay_strain: float = 0.01  #: max |ε| of their random symmetric strain
     fit_energy_shifts: bool = True
+    #: add the fitted per-element energy shifts to the energies of a replay file (or of
+    #: replay structures passed in): right when they were labelled by the base model, as
+    #: PFT's co-training data are; false when they are at the fine-tuning data's reference
+    #: already. Self-distilled replay is labelled by the shifted base and never shifted again.
+    shift_replay: bool = True
 
 
 @dataclass
@@ -58,7 +63,14 @@ class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-3
     clip: float = 100.0
-    ema: float = 0.999  #: 0 disables the EMA
+    ema: float = 0.999  #: 0 disables the EMA (one update per step, after its replay batches)
+    #: λ_Δ of the explicit penalty λ_Δ·‖Δω‖² (sum of squares over every Δω tensor) added to
+    #: each fine-tuning batch's loss; strategy "delta" only. Negative: the default, 1 for
+    #: "delta" (0 otherwise). AdamW's decoupled weight decay pulls Δω by only lr·wd per step,
+    #: too little to make ω₀ + Δω train differently from full fine-tuning; the gradient
+    #: 2λ_Δ·Δω of this term competes with the data's, so with λ_Δ = 1 a weight settles
+    #: where |∂L/∂ω| = 2|Δω|.
+    delta_l2: float = -1.0
 
 
 @dataclass
@@ -100,6 +112,10 @@ class FinetuneConfig(TomlSettings):
             raise bad("loss.replay_ratio", self.loss.replay_ratio, "must be >= 0")
         if self.optim.lr <= 0:
             raise bad("optim.lr", self.optim.lr, "must be > 0")
+        if self.optim.delta_l2 > 0 and self.model.strategy != "delta":
+            raise bad("optim.delta_l2", self.optim.delta_l2,
+                      f"the Δω penalty needs model.strategy = 'delta' (here {self.model.strategy!r}); "
+                      "allowed: unset (negative) or 0 for other strategies, >= 0 for 'delta'")
         if not 0.0 <= self.optim.ema < 1.0:
             raise bad("optim.ema", self.optim.ema, "must be in [0, 1)")
         for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "replay_batch"):
@@ -112,6 +128,13 @@ class FinetuneConfig(TomlSettings):
         if self.loss.energy >= 0:
             return self.loss.energy
         return 0.0 if self.co_training else 20.0
+
+    @property
+    def delta_l2_weight(self) -> float:
+        """λ_Δ of the ‖Δω‖² penalty: optim.delta_l2 if given, else 1 for strategy "delta", 0 otherwise."""
+        if self.optim.delta_l2 >= 0:
+            return self.optim.delta_l2
+        return 1.0 if self.model.strategy == "delta" else 0.0
 
     @property
     def co_training(self) -> bool:

@@ -2,10 +2,13 @@
 
 One *step* is one fine-tuning batch (phonon structures with one random Hessian
 column each, plus EFS structures) followed by ``replay_ratio`` co-training
-batches, all with the same AdamW optimiser. Validation uses the EMA weights and
-fixed Hessian columns. A checkpoint holds everything that changes (weights,
-optimiser, EMA, RNG, step, history), so a resumed run repeats an uninterrupted
-one bit for bit.
+batches, all with the same AdamW optimiser; the EMA is updated once per step,
+after its replay batches, so runs with and without co-training average over the
+same number of steps. Strategy "delta" adds λ_Δ·‖Δω‖² (``optim.delta_l2``) to the
+fine-tuning batch's loss. Validation uses the EMA weights and fixed Hessian
+columns and never includes the Δω penalty. A checkpoint holds everything that
+changes (weights, optimiser, EMA, RNG, step, history), so a resumed run repeats
+an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from almd.finetune.data import (
 from almd.potentials import Potential, adapters, atomic_torch_save
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-LOG_FIELDS = ("step", "loss", "energy", "forces", "stress", "hessian", "replay", "grad_norm",
+LOG_FIELDS = ("step", "loss", "energy", "forces", "stress", "hessian", "delta_l2", "replay", "grad_norm",
               "val_loss", "val_hessian_mae", "val_forces_mae", "seconds")
 
 
@@ -61,6 +64,8 @@ class EMA:
 
     The decay warms up as min(d, (1+t)/(10+t)): with d = 0.999 from the first
     step, a run of a few hundred steps would hand back mostly the base model.
+    t counts fine-tuning steps: the trainer calls :meth:`update` once per step,
+    after the step's replay (co-training) updates, not after every optimiser update.
     """
 
     def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
@@ -113,7 +118,9 @@ class Finetuner:
     ``phonon``, ``efs``, ``validation`` and ``replay`` take Atoms (labels in their
     calculator, Hessians in ``info['hessian']``) or :class:`Sample` objects and
     override the files named in ``config.data``. All input is checked here,
-    before any training.
+    before any training. Given replay labels (a file or ``replay``) are taken to
+    be the base model's: their energies get the fitted per-element shifts too
+    (``data.shift_replay``).
     """
 
     def __init__(self, config: FinetuneConfig | None = None, potential: Potential | str | None = None,
@@ -175,11 +182,17 @@ class Finetuner:
         else:
             self.replay = []
         check_samples(self.replay, pot, "replay")
+        distilled = replay is None and d.replay == "self"
+        if not distilled and d.shift_replay and self.energy_shifts:
+            # given replay labels are assumed to come from the unshifted base (PFT's co-training
+            # data): move their energies to the reference the model now has
+            self.replay = shift_energies(self.replay, self.energy_shifts)
 
         m = cfg.model
         adapters.apply_strategy(pot, m.strategy, rank=m.lora_rank, alpha=m.lora_alpha or None,
                                 radial=m.lora_radial, frozen_groups=m.freeze, seed=cfg.run.seed)
         self.named_trainable = {k: p for k, p in pot.named_parameters() if p.requires_grad}
+        self.delta_l2 = cfg.delta_l2_weight  # > 0 only for strategy "delta" (config.validate)
         self.optimizer = torch.optim.AdamW(list(self.named_trainable.values()), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
         self.ema = EMA(self.named_trainable, cfg.optim.ema)
@@ -210,6 +223,10 @@ class Finetuner:
         total = sum(w[k] * v for k, v in terms.items() if w[k] > 0)
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
+    def delta_penalty(self) -> torch.Tensor:
+        """‖Δω‖² over the delta adapters' trainable Δω (0 for the other strategies)."""
+        return adapters.delta_sq_norm(self.potential).to(self.dtype)
+
     def replay_loss(self, batch: list[Sample]) -> torch.Tensor:
         lo = self.config.loss
         terms = losses.efs_terms(self.potential, batch, self.dtype, huber=lo.huber_delta)
@@ -221,7 +238,6 @@ class Finetuner:
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(list(self.named_trainable.values()), self.config.optim.clip)
         self.optimizer.step()
-        self.ema.update()
         return float(norm)
 
     def train_step(self) -> dict[str, float]:
@@ -232,6 +248,10 @@ class Finetuner:
                    for s in phonon]
         efs = [self.efs[i] for i in rng.integers(len(self.efs), size=run.efs_batch)] if self.efs and run.efs_batch else []
         loss, terms = self.finetune_loss(phonon, efs, columns)
+        if self.delta_l2 > 0:
+            penalty = self.delta_penalty()
+            loss = loss + self.delta_l2 * penalty
+            terms["delta_l2"] = float(penalty.detach())  # ‖Δω‖² before this step's update
         record = {"loss": float(loss.detach()), **terms, "grad_norm": self._optimise(loss)}
         if self.config.co_training and self.replay:
             replay = []
@@ -241,6 +261,7 @@ class Finetuner:
                 self._optimise(r)
                 replay.append(float(r.detach()))
             record["replay"] = float(np.mean(replay))
+        self.ema.update()  # once per step: the EMA's t counts steps, not optimiser updates
         self.step += 1
         return record
 
@@ -381,6 +402,20 @@ class Finetuner:
         adapters.merge(model)
         return potentials.save(model.float(), path, finetune=self.config.to_dict(),
                                best_step=self.best["step"], energy_shifts=self.energy_shifts)
+
+
+def shift_energies(samples: list[Sample], shifts: dict[int, float]) -> list[Sample]:
+    """Copies of ``samples`` with Σ_Z N_Z·s_Z added to their energies (forces and stress unchanged)."""
+    import dataclasses
+
+    out = []
+    for s in samples:
+        if s.energy is None:
+            out.append(s)
+            continue
+        offset = sum(shifts.get(int(z), 0.0) for z in s.atoms.numbers)
+        out.append(dataclasses.replace(s, energy=s.energy + offset))
+    return out
 
 
 def _looks_phonon(path: str) -> bool:

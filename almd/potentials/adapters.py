@@ -106,6 +106,19 @@ def count_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(module))
 
 
+def delta_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The trainable Δω tensors of the :class:`Delta` adapters (empty for other strategies)."""
+    return [m.delta for m in module.modules() if isinstance(m, Delta) and m.delta.requires_grad]
+
+
+def delta_sq_norm(module: nn.Module) -> torch.Tensor:
+    """‖Δω‖²: the sum of squares over every trainable Δω (differentiable; 0 without Delta adapters)."""
+    params = delta_parameters(module)
+    if not params:
+        return torch.zeros(())
+    return sum((p * p).sum() for p in params)
+
+
 def is_adapted(module: nn.Module) -> bool:
     return any(parametrize.is_parametrized(m) for m in module.modules())
 
@@ -145,7 +158,10 @@ def add_delta(potential: nn.Module) -> list[str]:
     """ω = ω₀ + Δω for every trainable parameter; ω₀ frozen, Δω trainable (zero).
 
     Weight decay on the optimiser then acts on Δω only: it pulls the model back
-    towards the pretrained one instead of towards zero.
+    towards the pretrained one instead of towards zero. AdamW's decoupled decay
+    moves Δω by only lr·wd per step, though, so over a fine-tuning budget delta
+    trains like full; the fine-tuner adds an explicit λ_Δ·‖Δω‖² to the loss
+    (``optim.delta_l2``, :func:`delta_sq_norm`) to make the pull count.
     """
     targets = [(mname, module, pname)
                for mname, module in potential.named_modules()
@@ -260,6 +276,6 @@ def merge(potential: nn.Module) -> nn.Module:
 
 __all__ = [
     "STRATEGIES", "IrrepsLoRA", "MatrixLoRA", "Delta", "add_lora", "add_delta", "apply_strategy",
-    "count_trainable", "freeze", "is_adapted", "layer_groups", "merge", "reinitialize",
-    "trainable_parameters",
+    "count_trainable", "delta_parameters", "delta_sq_norm", "freeze", "is_adapted", "layer_groups", "merge",
+    "reinitialize", "trainable_parameters",
 ]
