@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         third, third_val = split_validation(load_third_order(SI_PBE), 0.1)
         efs, efs_val = split_validation(load_efs(SI_PBE), 0.1)
         perfect = load_phonon(SI_PBE)
-        trainer = Finetuner(cfg, phonon=perfect + third, efs=efs, validation=perfect + third_val[:4] + efs_val[:4])
+        # half the steps keep fitting fc2 on the perfect supercell, half the third order
+        trainer = Finetuner(cfg, phonon=perfect * len(third) + third, efs=efs,
+                            validation=perfect + third_val[:4] + efs_val[:4])
     else:
         trainer = Finetuner(cfg)
     held_out = trainer.val_efs
