@@ -108,3 +108,24 @@ def test_mirrored_term_is_the_odd_part_of_the_model_hessian():
             assert a is None and b is None
             continue
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_finetune_config_takes_third_order_data(tmp_path):
+    """data.third_order: the shipped VASP Si set's displaced supercells become mirrored
+    third-order samples, 4 held out for validation; steps alternate with the phonon set."""
+    from almd.data import SI_PBE
+    from almd.finetune import FinetuneConfig, Finetuner
+
+    cfg = FinetuneConfig.from_dict({
+        "data": {"phonon": [str(SI_PBE)], "third_order": [str(SI_PBE)], "max_validation": 4,
+                 "validation_columns": 1},
+        "run": {"steps": 2, "output": str(tmp_path), "progress": False, "threads": 1},
+    })
+    trainer = Finetuner(cfg)
+    assert len(trainer.third_order) > 90 and all(s.mirror is not None for s in trainer.third_order)
+    held_out = [s for s in trainer.val_phonon if s.mirror is not None]
+    assert len(held_out) == 4 and not {id(s) for s in held_out} & {id(s) for s in trainer.third_order}
+    assert trainer.val_columns[-1] == list(held_out[-1].columns[:1])
+    first, second = trainer.train_step(), trainer.train_step()
+    # step 1 on the perfect supercell's Hessian (eV/Å² entries ~0.3), step 2 on Φ3·u (~0.01)
+    assert first["hessian"] > 3 * second["hessian"]

@@ -29,6 +29,10 @@ class DataConfig:
     phonon: list[str] = field(default_factory=list)
     #: energy/force/stress data (extxyz, ASE db, or a phonopy data set's displaced supercells)
     efs: list[str] = field(default_factory=list)
+    #: phono3py data sets whose displaced supercells become third-order samples (label
+    #: Φ3·u of the data's force constants against the model's odd Hessian part); training
+    #: steps then alternate between the phonon structures and these
+    third_order: list[str] = field(default_factory=list)
     validation: list[str] = field(default_factory=list)  #: explicit validation files (else a split)
     validation_fraction: float = 0.1
     validation_columns: int = 3  #: fixed Hessian columns per validation phonon structure

@@ -36,6 +36,7 @@ from almd.finetune.data import (
     fit_energy_shifts,
     load_efs,
     load_phonon,
+    load_third_order,
     self_distilled,
     split_validation,
 )
@@ -156,6 +157,12 @@ class Finetuner:
                 ph, val_ph = split_validation(ph, d.validation_fraction)
             else:  # a single phonon structure: validated on fixed columns, trained on random ones
                 val_ph = list(ph)
+        third = [s for p in d.third_order for s in load_third_order(p)]
+        check_samples(third, pot, "third-order")
+        if third and validation is None and not d.validation and d.validation_fraction > 0:
+            third, val_third = split_validation(third, d.validation_fraction)
+            val_ph = val_ph + (val_third[:d.max_validation] if d.max_validation > 0 else val_third)
+        self.third_order = third
         if d.max_validation > 0:
             val_efs = val_efs[:d.max_validation]
         check_samples(val_ph + val_efs, pot, "validation")
@@ -243,7 +250,10 @@ class Finetuner:
     def train_step(self) -> dict[str, float]:
         """One fine-tuning batch and its co-training batches."""
         run, rng = self.config.run, self.rng
-        phonon = [self.phonon[i] for i in rng.integers(len(self.phonon), size=run.batch_size)] if self.phonon else []
+        pool = self.phonon
+        if self.third_order and (self.step % 2 == 1 or not self.phonon):  # every other step: third order
+            pool = self.third_order
+        phonon = [pool[i] for i in rng.integers(len(pool), size=run.batch_size)] if pool else []
         columns = [int(rng.integers(3 * len(s.atoms))) if s.columns is None else int(rng.choice(s.columns))
                    for s in phonon]
         efs = [self.efs[i] for i in rng.integers(len(self.efs), size=run.efs_batch)] if self.efs and run.efs_batch else []
