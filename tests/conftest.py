@@ -47,3 +47,23 @@ def si2():
     atoms = bulk("Si", "diamond", a=5.43)
     atoms.rattle(0.03, seed=4)
     return atoms
+
+
+@pytest.fixture(scope="session")
+def same_losses_and_gradients():
+    """Check that two dicts of loss terms agree in value and in their parameter gradients."""
+    import torch
+
+    def check(terms: dict, reference: dict, params: list) -> None:
+        assert set(terms) == set(reference)
+        for key in terms:
+            assert float(terms[key].detach()) == pytest.approx(float(reference[key].detach()), rel=1e-10)
+        grads = torch.autograd.grad(sum(terms.values()), params, allow_unused=True)
+        expected = torch.autograd.grad(sum(reference.values()), params, allow_unused=True)
+        for a, b in zip(grads, expected):
+            if a is None or b is None:
+                assert a is None and b is None
+                continue
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+    return check
