@@ -463,8 +463,9 @@ def third_order_hessians(dataset_path: str | Path | Any, min_signal: float = 0.1
     ``info['hessian_columns']`` the columns whose third-order part Φ3·u has at least
     ``min_signal`` of the largest one's norm (elsewhere H(u) is just Φ2),
     ``info['hessian_third_order']`` the part Φ3·u alone and ``info['perfect_positions']``
-    the undisplaced positions (same periodic images); the DFT forces and energy stay as labels. ``symmetrize``: phono3py's fc3 symmetrisation (as its
-    command line and almd.phonons.kappa do; ~1 min for a 64-atom cell).
+    the undisplaced positions (same periodic images); the DFT forces and energy stay as
+    labels. ``symmetrize``: phono3py's fc3 symmetrisation (as its command line and
+    almd.phonons.kappa do; ~1 min for a 64-atom cell).
     """
     ph = _phonon_object(dataset_path, is_compact_fc=False)
     if not hasattr(ph, "produce_fc3"):

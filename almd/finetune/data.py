@@ -63,15 +63,15 @@ def sample_from_atoms(atoms: Atoms, name: str = "") -> Sample:
         stress = voigt_6_to_full_3x3_stress(stress) if stress.shape == (6,) else stress.reshape(3, 3)
     hessian = atoms.info.get("hessian")
     forces = res.get("forces")
-    if hessian is not None:  # relaxed phonon structure: zero forces and stress are labels too
-        hessian = np.asarray(hessian, dtype=float)
-        forces = np.zeros((len(atoms), 3)) if forces is None else forces
-        if stress is None and atoms.pbc.all():
-            stress = np.zeros((3, 3))
+    # a displaced geometry with third-order labels names its columns; it is not relaxed
     columns = atoms.info.get("hessian_columns")
-    if columns is not None:  # a displaced geometry (third-order labels): not a relaxed structure
-        stress = None if res.get("stress") is None else stress
-        columns = tuple(int(j) for j in columns)
+    columns = None if columns is None else tuple(int(j) for j in columns)
+    if hessian is not None:
+        hessian = np.asarray(hessian, dtype=float)
+        if columns is None:  # relaxed phonon structure: zero forces and stress are labels too
+            forces = np.zeros((len(atoms), 3)) if forces is None else forces
+            if stress is None and atoms.pbc.all():
+                stress = np.zeros((3, 3))
     frame = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     return Sample(frame, None if res.get("energy") is None else float(res["energy"]),
                   None if forces is None else np.asarray(forces, dtype=float), stress, hessian,
