@@ -24,7 +24,7 @@ Learning rates: 1e-4 for full and delta (PFT's), 1e-3 for lora (B starts at zero
 and scratch (random weights). AdamW's decoupled weight decay alone pulls Δω by
 lr·wd = 1e-7 per step, so without more delta (ω₀ + Δω) takes the same steps as
 full; delta runs therefore carry the fine-tuner's explicit λ_Δ·‖Δω‖² penalty
-(optim.delta_l2; default 1, --delta-l2 to change it; recorded in each result as
+(optim.delta_l2; the fine-tuner's default, 0.01 since 2026-11-22 (1 before), --delta-l2 to change it; recorded in each result as
 "delta_l2", absent from results made before the penalty existed). Per-element energy shifts are fitted once per pool (least squares
 on the starting model's energies; for 'scratch' on the re-initialised model,
 whose energies they must correct) and applied before training.

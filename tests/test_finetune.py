@@ -193,7 +193,7 @@ def test_bad_input_is_rejected_before_training(base, si2_target, tmp_path):
 
 def test_delta_l2_penalty_keeps_delta_closer_to_the_base_than_full(base, si2_target, tmp_path):
     """Strategy "delta" adds λ_Δ·‖Δω‖² to the loss; without it delta trains like full."""
-    assert config(tmp_path, model={"strategy": "delta"}).delta_l2_weight == 1.0  # the default
+    assert config(tmp_path, model={"strategy": "delta"}).delta_l2_weight == 0.01  # the default
     assert config(tmp_path).delta_l2_weight == 0.0
     lam = 100.0
 
