@@ -8,10 +8,13 @@ de-duplicated (:func:`~almd.trigger.select_frames`), labelled by the
 :class:`~almd.dataset.LabelDatabase`, and the ensemble's heads are refitted on
 the training split and recalibrated on the held-out split; MD then goes on
 with the new model. An emergency brake rolls the walker back to its last
-trusted frame and labels the offending frame at once.
+trusted frame and labels the offending frame at once. Every ``finetune.every``
+new training labels the backbone itself is fine-tuned on them and the ensemble
+rebuilt on it (:mod:`almd.campaign_finetune`).
 
 Everything lives in ``run.output``: ``labels.db`` (every reference
-calculation, as soon as it finishes), ``ensemble.pt``, one ``walker-K.json``
+calculation, as soon as it finishes), ``ensemble.pt``, ``models/backbone-vN.pt``
+(fine-tuned backbones), one ``walker-K.json``
 and ``trigger-K.json`` per walker, ``campaign.json`` and ``steps.csv``. A
 killed campaign started again resumes from the last checkpoint; steps after
 it are re-run, and any reference calculation they call again is read back
@@ -69,6 +72,8 @@ class CampaignResult:
     output: Path
     held_out_force_rmse: float  #: eV/Å, the final ensemble mean vs the held-out reference labels
     trajectory_averaged_uncertainty: dict[int, float]  #: eV/Å, each walker's rolling mean at the end
+    backbone: str = ""  #: the backbone the walkers ended on (a model file after a fine-tune)
+    finetunes: int = 0  #: fine-tune rounds
 
     def summary(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -128,6 +133,9 @@ class Campaign:
         self.rounds = state.get("rounds", 0)  # lockstep rounds: checkpoints fall on multiples of checkpoint_every
         # frames at or before a walker's last call were ranked then; later calls look only after it
         self.last_call = {int(k): v for k, v in state.get("last_call", {}).items()}
+        self.backbone = state.get("backbone", cfg.model.backbone)  # a fine-tuned model file after a round
+        self.since_finetune = state.get("labels_since_finetune", 0)  # new training labels since then
+        self.finetunes: list[dict[str, Any]] = state.get("finetunes", [])
         self.ensemble = self._ensemble()
         self.local = owned(cfg.run.walkers, self.comm)
         self.walkers = {k: self._walker(k) for k in self.local}
@@ -155,7 +163,7 @@ class Campaign:
         m, le = self.config.model, self.config.learning
         path = self.output / "ensemble.pt"
         if not self.root:
-            ens = Ensemble(m.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
+            ens = Ensemble(self.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
             ens.load_head_state(self.comm.bcast(None))
             return ens
         if path.exists():
@@ -180,6 +188,7 @@ class Campaign:
                 raise RuntimeError(f"no initial reference calculation succeeded; the failures are recorded in "
                                    f"{self.database.path} (LabelDatabase.failures())")
             self._refit(ens, labelled)
+            self.since_finetune = 0  # the initial labels do not count towards a fine-tune
         self.comm.bcast(ens.head_state())
         return ens
 
@@ -228,19 +237,41 @@ class Campaign:
         held_out = [a for a in labelled if a.info["split"] != "train"]
         if train:
             ensemble.fit(train, append=True)
+            self.since_finetune += len(train)
         if held_out:
             ensemble.calibrate(held_out)
         self.model_version += 1
 
     def _serve(self, requests: list[LabelRequest]) -> bool:
-        """Label each request in walker order and refit after each; True if the model changed."""
+        """Label each request in walker order and refit after each, then fine-tune if it is time;
+        True if the model changed."""
         changed = False
         for req in sorted(requests, key=lambda r: r.walker):
             labelled = self._label(req.frames, req.walker, req.step, req.reason, req.scores)
             if labelled:
                 self._refit(self.ensemble, labelled)
                 changed = True
+        every = self.config.finetune.every
+        if changed and every > 0 and self.since_finetune >= every:
+            self._finetune()
         return changed
+
+    def _finetune(self) -> None:
+        """A fine-tune round (rank 0): new backbone file, ensemble rebuilt on it, walkers switched to it."""
+        from almd.campaign_finetune import finetune_round
+
+        self.model_version += 1
+        path, ensemble, record = finetune_round(self.config, self.database, self.ensemble, self.backbone,
+                                                self.model_version, self.output)
+        self.backbone, self.since_finetune = str(path), 0
+        self.finetunes.append(record)
+        self._use(ensemble)
+
+    def _use(self, ensemble) -> None:
+        """Walkers compute with ``ensemble`` from here on (fresh calculators, as after a restart)."""
+        self.ensemble = ensemble
+        for w in self.walkers.values():
+            w.calculator = w.atoms.calc = self._calculator()
 
     # ------------------------------------------------------------ the loop
     def _request(self, k: int, decision: Decision, brake_frame: Frame | None) -> LabelRequest:
@@ -297,12 +328,18 @@ class Campaign:
             self.calls += len(requests)
             self.brakes += sum(q.brake for q in requests)
             if self._serve(requests):
-                update = (self.ensemble.head_state(), self.model_version, self.calls, self.brakes)
+                update = (self.ensemble.head_state(), self.model_version, self.calls, self.brakes, self.backbone)
         update = self.comm.bcast(update)
         if update is not None:
             if not self.root:
+                if update[4] != self.backbone:  # fine-tuned on rank 0: the same file for every rank
+                    from almd.ensemble import Ensemble
+
+                    m = self.config.model
+                    self.backbone = update[4]
+                    self._use(Ensemble(self.backbone, k=m.members, seed=self.config.md.seed, score=m.score))
                 self.ensemble.load_head_state(update[0])
-                self.model_version, self.calls, self.brakes = update[1:]
+                self.model_version, self.calls, self.brakes = update[1:4]
             for w in self.walkers.values():  # forces from the new model from here on
                 _restart_uncertainty(w)
         busy = any(w.step < cfg.steps and not self.triggers[k].converged for k, w in self.walkers.items())
@@ -328,7 +365,9 @@ class Campaign:
                         last_call[k] = call
             atomic_write(self.output / "campaign.json", json.dumps({
                 "config": self.config.to_dict(), "model_version": self.model_version, "calls": self.calls,
-                "brakes": self.brakes, "rounds": self.rounds, "last_call": last_call, "steps": steps}, indent=1))
+                "brakes": self.brakes, "rounds": self.rounds, "last_call": last_call, "steps": steps,
+                "backbone": self.backbone, "labels_since_finetune": self.since_finetune,
+                "finetunes": self.finetunes}, indent=1))
         for w in self.walkers.values():
             _restart_uncertainty(w)
 
@@ -382,7 +421,8 @@ class Campaign:
         return CampaignResult({k: v for part in steps for k, v in part.items()}, len(self.database) - failures,
                               failures, self.calls, self.brakes, converged == self.comm.size,
                               self.model_version, time.perf_counter() - t0, self.output, rmse,
-                              {k: v for part in rolling for k, v in part.items()})
+                              {k: v for part in rolling for k, v in part.items()}, self.backbone,
+                              len(self.finetunes))
 
     def held_out_force_rmse(self) -> float:
         """Force RMSE (eV/Å) of the ensemble mean on the labels it was not fitted on (rank 0)."""
@@ -432,7 +472,7 @@ def main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="almd run", description="Run or resume an active-learning MD campaign. "
                                 "Without a file: the built-in Si campaign (SevenNet-0 ensemble, Stillinger–Weber reference).")
-    p.add_argument("campaign", nargs="?", help="campaign TOML ([system] [model] [reference] [md] [trigger] [learning] [run])")
+    p.add_argument("campaign", nargs="?", help="campaign TOML ([system] [model] [reference] [md] [trigger] [learning] [run] [finetune])")
     p.add_argument("--steps", type=int, help="override run.steps")
     p.add_argument("--output", help="override run.output")
     args = p.parse_args(argv)

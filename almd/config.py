@@ -32,6 +32,9 @@ from almd.md import WalkerSettings
 from almd.trigger import TriggerSettings
 
 BUILTIN_STRUCTURES = ("si",)
+#: fine-tune strategies a campaign may use (almd.potentials.adapters.STRATEGIES without
+#: "scratch": re-initialising the backbone every round would throw away what it learnt)
+FINETUNE_STRATEGIES = ("lora", "delta", "full", "freeze")
 
 
 class ConfigError(ValueError):
@@ -119,6 +122,21 @@ class RunConfig:
 
 
 @dataclass
+class FinetuneSettings:
+    """The campaign's backbone fine-tune (almd.finetune) on its own labels; see almd.campaign_finetune."""
+
+    every: int = 0  #: fine-tune after every N new training labels (0: never; the heads are still refitted)
+    steps: int = 5  #: fine-tune steps per round
+    strategy: str = "lora"  #: lora | delta | full | freeze (as almd finetune's model.strategy)
+    lr: float = 1e-4
+    freeze: list[str] = field(default_factory=list)  #: layer groups kept fixed (strategy "freeze" needs some)
+    #: an `almd finetune` TOML whose [model] (LoRA rank, …), [loss], [optim], [run] batch settings and
+    #: [data] phonon / third-order / replay sets are used; the campaign gives the backbone, its labels
+    #: (training and validation), steps, strategy, lr and seed
+    config: str = ""
+
+
+@dataclass
 class CampaignConfig(TomlSettings):
     system: SystemConfig = field(default_factory=SystemConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -127,6 +145,7 @@ class CampaignConfig(TomlSettings):
     trigger: TriggerSettings = field(default_factory=TriggerSettings)
     learning: LearningConfig = field(default_factory=LearningConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
 
     def validate(self) -> None:
         s, m, le, r = self.system, self.model, self.learning, self.run
@@ -151,6 +170,32 @@ class CampaignConfig(TomlSettings):
                       "need retries >= 0 and timeout > 0 s")
         if not 0.0 <= le.validation_fraction < 1.0:
             raise bad("learning.validation_fraction", le.validation_fraction, "must be in [0, 1)")
+        self._validate_finetune()
+
+    def _validate_finetune(self) -> None:
+        ft = self.finetune
+        if ft.every < 0:
+            raise bad("finetune.every", ft.every, "must be >= 0 (0: no fine-tuning)")
+        if ft.steps < 1:
+            raise bad("finetune.steps", ft.steps, "must be >= 1")
+        if ft.strategy not in FINETUNE_STRATEGIES:
+            raise bad("finetune.strategy", ft.strategy, f"allowed: {', '.join(FINETUNE_STRATEGIES)}")
+        if not ft.lr > 0:
+            raise bad("finetune.lr", ft.lr, "must be > 0")
+        freeze = ft.freeze
+        if ft.config:
+            if not Path(ft.config).is_file():
+                raise bad("finetune.config", ft.config, "give an existing `almd finetune` TOML file, or leave it out")
+            from almd.finetune.config import FinetuneConfig  # torch: only when a file is named
+
+            try:
+                file = FinetuneConfig.from_toml(ft.config)
+            except ConfigError as exc:
+                raise ConfigError(f"finetune.config = {ft.config!r}: {exc}") from None
+            freeze = freeze or file.model.freeze
+        if ft.strategy == "freeze" and not freeze:
+            raise bad("finetune.freeze", freeze, "strategy 'freeze' needs layer groups to keep fixed "
+                      "(e.g. [\"embedding\"]; almd.potentials.adapters.layer_groups lists a model's)")
 
 
 def _section(name: str, cls: type, raw: Any) -> Any:

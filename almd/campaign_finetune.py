@@ -1,0 +1,98 @@
+"""The campaign's fine-tune round: its labels → :class:`~almd.finetune.Finetuner` → a new backbone → a new ensemble.
+
+Rank 0 runs a round when ``finetune.every`` new training labels have arrived
+since the last one (``[finetune]`` in the campaign file). The backbone the
+walkers use is fine-tuned on every training label the campaign has learnt from
+(energies, forces, stress; Hessian columns for labels that carry a Hessian, and
+the phonon sets of ``finetune.config``), validated on its held-out labels, and
+written to ``OUTPUT/models/backbone-vN.pt`` (N: the model version it starts;
+atomic). The ensemble is then rebuilt on that file: heads fitted on the same
+training labels, calibration redone on the same held-out ones. Every rank loads
+the same file.
+
+"The labels the campaign has learnt from" are those its ensemble was fitted
+(and calibrated) on, not whatever the database holds: after a kill, the
+database already has labels that the resumed run asks for again only later,
+and a resumed run must fine-tune on exactly what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from ase import Atoms
+
+from almd.config import CampaignConfig
+
+
+def finetune_config(config: CampaignConfig, backbone: str, workdir: Path, seed: int):
+    """The :class:`~almd.finetune.FinetuneConfig` of one round: ``finetune.config``'s settings (or the
+    defaults) with the campaign's backbone, steps, strategy, lr and seed; its data files for labels
+    are dropped (the campaign gives its own), its phonon / third-order / replay sets kept."""
+    from almd.finetune.config import FinetuneConfig
+
+    ft = config.finetune
+    base = FinetuneConfig.from_toml(ft.config) if ft.config else FinetuneConfig()
+    model = dataclasses.replace(base.model, name=str(backbone), strategy=ft.strategy,
+                                freeze=list(ft.freeze or base.model.freeze))
+    data = dataclasses.replace(base.data, efs=[], validation=[])
+    optim = dataclasses.replace(base.optim, lr=ft.lr)
+    # checkpoints only at the end: a killed round is simply run again from the campaign's checkpoint
+    run = dataclasses.replace(base.run, steps=ft.steps, checkpoint_every=ft.steps, seed=seed,
+                              output=str(workdir), progress=False)
+    cfg = dataclasses.replace(base, model=model, data=data, optim=optim, run=run)
+    cfg.validate()
+    return cfg
+
+
+def learnt_labels(database, ensemble) -> tuple[list[Atoms], list[Atoms]]:
+    """(training, held-out) labels of ``database`` the ensemble was fitted / calibrated on.
+
+    Training labels in the order they were fitted (the bootstrap draws depend on it),
+    held-out ones by content hash (a set has no order that survives a restart).
+    """
+    order = {d.key: i for i, d in enumerate(ensemble.designs)}
+    train = {a.info["content_hash"]: a for a in database.training_set() if a.info.get("content_hash") in order}
+    held = {a.info["content_hash"]: a for a in database.validation_set()
+            if a.info.get("content_hash") in ensemble.calibrated_keys}
+    return sorted(train.values(), key=lambda a: order[a.info["content_hash"]]), [held[k] for k in sorted(held)]
+
+
+def finetune_round(config: CampaignConfig, database, ensemble, backbone: str, version: int,
+                   output: Path) -> tuple[Path, Any, dict[str, Any]]:
+    """Fine-tune ``backbone`` on the campaign's labels; returns the model file, the ensemble rebuilt on it
+    (fitted and calibrated) and a record of the round (for ``campaign.json``)."""
+    from almd.ensemble import Ensemble
+    from almd.ensemble.calibration import Calibration
+    from almd.finetune import Finetuner
+    from almd.finetune.data import load_phonon
+
+    t0 = time.perf_counter()
+    train, held = learnt_labels(database, ensemble)
+    workdir = output / "finetune" / f"v{version}"
+    cfg = finetune_config(config, backbone, workdir, seed=config.md.seed + version)
+    phonon = [a for a in train if "hessian" in a.info] + [s for p in cfg.data.phonon for s in load_phonon(p)]
+    efs = [a for a in train if "hessian" not in a.info]
+    # no held-out labels (validation_fraction 0, no initial calibration): validate on the training ones;
+    # the trainer then only refuses a round that makes the training loss worse
+    trainer = Finetuner(cfg, potential=backbone, phonon=phonon, efs=efs, validation=held or train)
+    result = trainer.fit(save_model=False)
+    (workdir / "checkpoint.pt").unlink(missing_ok=True)  # a finished round is never resumed; it is large
+    path = trainer.export(output / "models" / f"backbone-v{version}.pt")
+    t1 = time.perf_counter()
+
+    calibration = Calibration.from_state_dict(ensemble.calibration.state_dict())  # same settings, data reset
+    new = Ensemble(path, k=ensemble.k, seed=ensemble.seed, rank=ensemble.rank, score=ensemble.score,
+                   calibration=calibration)
+    new.fit(train, append=False)
+    if held:
+        new.calibrate(held, reset=True)
+    new.version = ensemble.version + 1
+    record = {"model_version": version, "backbone": str(path), "from": str(backbone), "train": len(train),
+              "held_out": len(held), "steps": result.steps_done, "best_step": result.best_step,
+              "initial_validation": result.initial_validation, "best_validation": result.best_validation,
+              "finetune_seconds": round(t1 - t0, 2), "refit_seconds": round(time.perf_counter() - t1, 2)}
+    return path, new, record
