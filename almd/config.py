@@ -125,10 +125,10 @@ class RunConfig:
 class FinetuneSettings:
     """The campaign's backbone fine-tune (almd.finetune) on its own labels; see almd.campaign_finetune."""
 
-    every: int = 0  #: fine-tune after every N new training labels (0: never; the heads are still refitted)
+    every: int = 10  #: fine-tune after every N new training labels (0: never; the heads are still refitted)
     steps: int = 5  #: fine-tune steps per round
     strategy: str = "lora"  #: lora | delta | full | freeze (as almd finetune's model.strategy)
-    lr: float = 1e-4
+    lr: float = 1e-3  #: 1e-4 (almd finetune's default) hardly moves LoRA in 5 steps
     freeze: list[str] = field(default_factory=list)  #: layer groups kept fixed (strategy "freeze" needs some)
     #: an `almd finetune` TOML whose [model] (LoRA rank, …), [loss], [optim], [run] batch settings and
     #: [data] phonon / third-order / replay sets are used; the campaign gives the backbone, its labels
