@@ -1,4 +1,4 @@
-"""The campaign's fine-tune round: its labels → :class:`~almd.finetune.Finetuner` → a new backbone → a new ensemble.
+"""The campaign's fine-tune round: labels → :class:`~almd.finetune.Finetuner` → new backbone → new ensemble.
 
 Rank 0 runs a round when ``finetune.every`` new training labels have arrived
 since the last one (``[finetune]`` in the campaign file). The backbone the
@@ -6,9 +6,11 @@ walkers use is fine-tuned on every training label the campaign has learnt from
 (energies, forces, stress; Hessian columns for labels that carry a Hessian, and
 the phonon sets of ``finetune.config``), validated on its held-out labels, and
 written to ``OUTPUT/models/backbone-vN.pt`` (N: the model version it starts;
-atomic). The ensemble is then rebuilt on that file: heads fitted on the same
-training labels, calibration redone on the same held-out ones. Every rank loads
-the same file.
+atomic; the trainer's log.csv / log.json in ``OUTPUT/finetune/vN/``). The
+ensemble is then rebuilt on that file: heads fitted on the same training labels,
+calibration redone on the same held-out ones. Every rank loads the same file.
+The trainer keeps the best of its validations, the start included, so a round
+that would make the held-out loss worse leaves the weights as they were.
 
 "The labels the campaign has learnt from" are those its ensemble was fitted
 (and calibrated) on, not whatever the database holds: after a kill, the

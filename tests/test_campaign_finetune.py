@@ -130,3 +130,15 @@ def test_bad_finetune_settings_name_the_key(tmp_path):
     (tmp_path / "ft.toml").write_text("[optim]\nlearning_rate = 0.1\n")
     with pytest.raises(ConfigError, match="finetune.config.*unknown key 'optim.learning_rate'"):
         CampaignConfig.from_dict({"finetune": {"config": str(tmp_path / "ft.toml")}})
+
+
+def test_a_finetune_file_gives_the_settings_and_the_campaign_the_rest(tmp_path):
+    from almd.campaign_finetune import finetune_config
+
+    (tmp_path / "ft.toml").write_text('[model]\nlora_rank = 2\nstrategy = "full"\n[loss]\nforces = 7.0\n'
+                                      '[data]\nefs = ["elsewhere.xyz"]\n[run]\nsteps = 500\nefs_batch = 3\n')
+    cfg = CampaignConfig.from_dict({"finetune": {"config": str(tmp_path / "ft.toml"), "steps": 3, "lr": 2e-3}})
+    ft = finetune_config(cfg, "models/backbone-v5.pt", tmp_path / "work", seed=9)
+    assert (ft.model.name, ft.model.strategy, ft.model.lora_rank) == ("models/backbone-v5.pt", "lora", 2)
+    assert (ft.loss.forces, ft.optim.lr, ft.run.steps, ft.run.efs_batch, ft.run.seed) == (7.0, 2e-3, 3, 3, 9)
+    assert ft.data.efs == [] and ft.run.output == str(tmp_path / "work")
