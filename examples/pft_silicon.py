@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hessian-weight", type=float, default=100.0, help="λ_Φ; 0 gives the EFS-only fine-tune")
     p.add_argument("--third-order", action="store_true",
                    help="also train on the Hessian Φ2 + Φ3·u at the displaced supercells (third-order labels)")
+    p.add_argument("--min-signal", type=float, default=0.1,
+                   help="third-order columns drawn where |Φ3·u| is at least this fraction of the largest (0: all)")
     p.add_argument("--init", default="sevennet-0", help="starting model: a pretrained name or a model file")
     p.add_argument("--kappa", action="store_true", help="also κ(300 K) before and after (phono3py RTA, 11³ mesh)")
     p.add_argument("--eval-every", type=int, default=10)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         from almd.finetune.data import load_efs, load_phonon, load_third_order, split_validation
 
         # the same 4 displaced supercells are held out from both label kinds
-        third, third_val = split_validation(load_third_order(SI_PBE), 0.1)
+        third, third_val = split_validation(load_third_order(SI_PBE, args.min_signal), 0.1)
         efs, efs_val = split_validation(load_efs(SI_PBE), 0.1)
         perfect = load_phonon(SI_PBE)
         # half the steps keep fitting fc2 on the perfect supercell, half the third order

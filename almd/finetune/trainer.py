@@ -289,13 +289,13 @@ class Finetuner:
                         terms = losses.pft_terms(self.potential, [s], [j], self.dtype, create_graph=False)
                         total += sum(w[k] * float(v.detach()) for k, v in terms.items() if w[k] > 0)
                         parts += 1
-                        maes.append(float(terms["hessian"]))
+                        maes.append(float(terms["hessian"].detach()))
                 out["val_hessian_mae"] = float(np.mean(maes))
             if self.val_efs:
                 errs = []
                 for s in self.val_efs:
                     v, _ = self.finetune_loss([], [s], [], create_graph=False)
-                    total, parts = total + float(v), parts + 1
+                    total, parts = total + float(v.detach()), parts + 1
                     errs.append(self._force_mae(s))
                 out["val_forces_mae"] = float(np.mean(errs))
         out["val_loss"] = total / max(parts, 1)
