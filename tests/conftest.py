@@ -67,3 +67,19 @@ def same_losses_and_gradients():
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
     return check
+
+
+def small_si_campaign(out, steps: int, checkpoint_every: int = 6, **sections):
+    """The test suite's campaign: the 8-atom Si cell at 1200 K, 2 members, Stillinger–Weber labels,
+    a trigger that calls every few steps; ``sections`` add or replace whole sections."""
+    from almd.config import CampaignConfig
+
+    return CampaignConfig.from_dict({
+        "system": {"supercell": [1, 1, 1]},
+        "model": {"members": 2},
+        "md": {"temperature": 1200, "timestep": 2.0, "seed": 4},
+        "trigger": {"window": 20, "min_history": 3, "abs_cap": 0.04, "min_spacing": 4},
+        "learning": {"initial_labels": 2, "initial_calibration": 1},
+        "run": {"steps": steps, "checkpoint_every": checkpoint_every, "output": str(out), "progress": False},
+        **sections,
+    })

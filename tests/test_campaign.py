@@ -9,17 +9,11 @@ import pytest
 
 from almd.campaign import Campaign
 from almd.config import CampaignConfig, ConfigError
+from conftest import small_si_campaign
 
 
 def config(out, steps: int) -> CampaignConfig:
-    return CampaignConfig.from_dict({
-        "system": {"supercell": [1, 1, 1]},
-        "model": {"members": 2},
-        "md": {"temperature": 1200, "timestep": 2.0, "seed": 4},
-        "trigger": {"window": 20, "min_history": 3, "abs_cap": 0.04, "min_spacing": 4},
-        "learning": {"initial_labels": 2, "initial_calibration": 1},
-        "run": {"steps": steps, "checkpoint_every": 6, "output": str(out), "progress": False},
-    })
+    return small_si_campaign(out, steps, checkpoint_every=6)
 
 
 def rows(out) -> list[tuple]:
