@@ -160,16 +160,16 @@ class Campaign:
         """Rank 0 loads or builds (initial labels, first fit) the ensemble; the others get its heads."""
         from almd.ensemble import Ensemble
 
-        m, le = self.config.model, self.config.learning
+        le = self.config.learning
         path = self.output / "ensemble.pt"
         if not self.root:
-            ens = Ensemble(self.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
+            ens = self._unfitted_ensemble()
             ens.load_head_state(self.comm.bcast(None))
             return ens
         if path.exists():
             ens = Ensemble.load(path)
         else:
-            ens = Ensemble(m.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
+            ens = self._unfitted_ensemble()
             try:  # an element the model does not know: say so before any reference calculation
                 ens.check_species(self.start.numbers)
             except ValueError:
@@ -191,6 +191,13 @@ class Campaign:
             self.since_finetune = 0  # the initial labels do not count towards a fine-tune
         self.comm.bcast(ens.head_state())
         return ens
+
+    def _unfitted_ensemble(self):
+        """The campaign's ensemble on its current backbone, heads not yet fitted or loaded."""
+        from almd.ensemble import Ensemble
+
+        m = self.config.model
+        return Ensemble(self.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
 
     def _calculator(self):
         from almd.ensemble import EnsembleCalculator
@@ -333,11 +340,8 @@ class Campaign:
         if update is not None:
             if not self.root:
                 if update[4] != self.backbone:  # fine-tuned on rank 0: the same file for every rank
-                    from almd.ensemble import Ensemble
-
-                    m = self.config.model
                     self.backbone = update[4]
-                    self._use(Ensemble(self.backbone, k=m.members, seed=self.config.md.seed, score=m.score))
+                    self._use(self._unfitted_ensemble())
                 self.ensemble.load_head_state(update[0])
                 self.model_version, self.calls, self.brakes = update[1:4]
             for w in self.walkers.values():  # forces from the new model from here on
