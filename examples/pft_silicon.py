@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hessian-weight", type=float, default=100.0, help="λ_Φ; 0 gives the EFS-only fine-tune")
     p.add_argument("--third-order", action="store_true",
                    help="also train on the Hessian Φ2 + Φ3·u at the displaced supercells (third-order labels)")
+    p.add_argument("--third-order-weight", type=float, default=-1.0,
+                   help="λ_3 of the odd-Hessian (Φ3·u) term; negative: λ_Φ")
     p.add_argument("--min-signal", type=float, default=0.1,
                    help="third-order columns drawn where |Φ3·u| is at least this fraction of the largest (0: all)")
     p.add_argument("--init", default="sevennet-0", help="starting model: a pretrained name or a model file")
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"name": args.init, "strategy": args.strategy},
         "data": {"phonon": [str(SI_PBE)], "efs": [str(SI_PBE)], "validation_fraction": 0.1,
                  "max_validation": 4, "validation_columns": 3, "replay": args.replay},
-        "loss": {"hessian": args.hessian_weight},
+        "loss": {"hessian": args.hessian_weight, "third_order": args.third_order_weight},
         "optim": {"lr": args.lr},
         "run": {"steps": args.steps, "eval_every": args.eval_every, "patience": args.patience,
                 "checkpoint_every": args.eval_every, "output": str(args.output)},

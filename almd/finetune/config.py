@@ -55,6 +55,10 @@ class LossConfig:
     forces: float = 20.0
     stress: float = 5.0
     hessian: float = 100.0
+    #: λ_3 of the third-order term, the MAE of the odd Hessian part (H(x+u) − H(x−u))/2
+    #: against Φ3·u. Negative: λ_Φ. That part is ~u·Φ3, so its gradient is far smaller
+    #: than a harmonic column's, and at λ_Φ the harmonic steps set Adam's step size
+    third_order: float = -1.0
     replay_ratio: int = 4  #: replay steps after each phonon step (with replay data)
     huber_delta: float = 0.1
     replay_energy: float = 500.0
@@ -133,6 +137,11 @@ class FinetuneConfig(TomlSettings):
         if self.loss.energy >= 0:
             return self.loss.energy
         return 0.0 if self.co_training else 20.0
+
+    @property
+    def third_order_weight(self) -> float:
+        """λ_3: loss.third_order if given, else λ_Φ."""
+        return self.loss.third_order if self.loss.third_order >= 0 else self.loss.hessian
 
     @property
     def delta_l2_weight(self) -> float:

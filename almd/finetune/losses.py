@@ -99,7 +99,7 @@ def pft_terms(potential: Potential, samples: list[Sample], columns: list[int | N
     phonon = [samples[k] for k in with_column]
     rest = [s for k, s in enumerate(samples) if columns[k] is None]
     want_stress = _want_stress(samples)
-    terms, counts, errors = {}, {}, []
+    terms, counts, errors, odd_errors = {}, {}, [], []
     if phonon:
         # third-order samples bring their mirror geometry x − u into the same HVP (after
         # the samples, so the EFS terms read the samples' rows as before)
@@ -122,7 +122,8 @@ def pft_terms(potential: Potential, samples: list[Sample], columns: list[int | N
             column = hv[3 * a:3 * (a + len(s.atoms))]
             if m is not None:  # the odd part (H(x+u) − H(x−u))/2 = Φ3·u + O(u³)
                 column = 0.5 * (column - hv[3 * m:3 * (m + len(s.atoms))])
-            errors.append((column - torch.as_tensor(s.hessian[:, j], dtype=dtype)).abs().mean())
+            error = (column - torch.as_tensor(s.hessian[:, j], dtype=dtype)).abs().mean()
+            (errors if m is None else odd_errors).append(error)
     if rest:
         graph = _graph(potential, rest, dtype)
         out = energy_forces_stress(potential, graph, forces=True, stress=want_stress, create_graph=create_graph)
@@ -133,6 +134,8 @@ def pft_terms(potential: Potential, samples: list[Sample], columns: list[int | N
             counts[key] = n0 + n1
     if errors:
         terms["hessian"] = torch.stack(errors).mean()
+    if odd_errors:  # its own term: it is ~u·Φ3, orders of magnitude below a harmonic column
+        terms["third_order"] = torch.stack(odd_errors).mean()
     return terms
 
 

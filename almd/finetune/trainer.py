@@ -43,8 +43,8 @@ from almd.finetune.data import (
 from almd.potentials import Potential, adapters, atomic_torch_save
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-LOG_FIELDS = ("step", "loss", "energy", "forces", "stress", "hessian", "delta_l2", "replay", "grad_norm",
-              "val_loss", "val_hessian_mae", "val_forces_mae", "seconds")
+LOG_FIELDS = ("step", "loss", "energy", "forces", "stress", "hessian", "third_order", "delta_l2", "replay",
+              "grad_norm", "val_loss", "val_hessian_mae", "val_third_order_mae", "val_forces_mae", "seconds")
 
 
 @dataclass
@@ -216,13 +216,14 @@ class Finetuner:
     # ------------------------------------------------------------ losses
     def weights(self) -> dict[str, float]:
         lo = self.config.loss
-        return {"energy": self.config.energy_weight, "forces": lo.forces, "stress": lo.stress, "hessian": lo.hessian}
+        return {"energy": self.config.energy_weight, "forces": lo.forces, "stress": lo.stress, "hessian": lo.hessian,
+                "third_order": self.config.third_order_weight}
 
     def finetune_loss(self, phonon: list[Sample], efs: list[Sample], columns: list[int],
                       create_graph: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-        """PFT loss of one batch: λ_E·E/N + λ_F·‖ΔF‖ + λ_σ·σ + λ_Φ·MAE(Hv − Φ_col)."""
+        """PFT loss of one batch: λ_E·E/N + λ_F·‖ΔF‖ + λ_σ·σ + λ_Φ·MAE(Hv − Φ_col) (+ λ_3·MAE of the odd part)."""
         w = self.weights()
-        if phonon and w["hessian"] > 0:  # one forward for EFS and the Hessian columns
+        if phonon and (w["hessian"] > 0 or w["third_order"] > 0):  # one forward for EFS and the Hessian columns
             terms = losses.pft_terms(self.potential, phonon + efs, list(columns) + [None] * len(efs), self.dtype,
                                      create_graph)
         else:
@@ -281,7 +282,7 @@ class Finetuner:
         total, parts = 0.0, 0
         with self.ema.applied():
             if self.val_phonon:
-                maes = []
+                maes: dict[str, list[float]] = {"hessian": [], "third_order": []}
                 w = self.weights()
                 for s, cols in zip(self.val_phonon, self.val_columns):
                     for j in cols:
@@ -289,8 +290,9 @@ class Finetuner:
                         terms = losses.pft_terms(self.potential, [s], [j], self.dtype, create_graph=False)
                         total += sum(w[k] * float(v.detach()) for k, v in terms.items() if w[k] > 0)
                         parts += 1
-                        maes.append(float(terms["hessian"].detach()))
-                out["val_hessian_mae"] = float(np.mean(maes))
+                        kind = "hessian" if "hessian" in terms else "third_order"
+                        maes[kind].append(float(terms[kind].detach()))
+                out.update({f"val_{k}_mae": float(np.mean(v)) for k, v in maes.items() if v})
             if self.val_efs:
                 errs = []
                 for s in self.val_efs:
@@ -373,8 +375,8 @@ class Finetuner:
                 record["seconds"] = time.perf_counter() - t0
                 self.history.append(record)
                 bar.update(1)
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "hessian", "forces", "replay", "val_loss")
-                                 if k in record})
+                shown = ("loss", "hessian", "third_order", "forces", "replay", "val_loss")
+                bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})
                 if self.step % run.checkpoint_every == 0 or stopped or self.step == run.steps:
                     self.save_checkpoint()
                     self._write_logs()
