@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--third-order", action="store_true",
                    help="also train on the Hessian Φ2 + Φ3·u at the displaced supercells (third-order labels)")
     p.add_argument("--third-order-weight", type=float, default=-1.0,
-                   help="λ_3 of the odd-Hessian (Φ3·u) term; negative: λ_Φ")
+                   help="λ_3 of the odd-Hessian (Φ3·u) term; negative: 100·λ_Φ")
     p.add_argument("--min-signal", type=float, default=0.1,
                    help="third-order columns drawn where |Φ3·u| is at least this fraction of the largest (0: all)")
     p.add_argument("--init", default="sevennet-0", help="starting model: a pretrained name or a model file")

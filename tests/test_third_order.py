@@ -125,10 +125,10 @@ def test_finetune_config_takes_third_order_data(tmp_path):
     assert 0 < val["val_third_order_mae"] < val["val_hessian_mae"]
 
 
-def test_third_order_weight_defaults_to_the_hessian_weight():
-    """loss.third_order (λ_3) weighs the odd-Hessian term on its own; unset, it is λ_Φ."""
+def test_third_order_weight_defaults_to_a_hundred_times_the_hessian_weight():
+    """loss.third_order (λ_3) weighs the odd-Hessian term on its own; unset, it is 100·λ_Φ."""
     from almd.finetune import FinetuneConfig
 
-    assert FinetuneConfig.from_dict({"loss": {"hessian": 50.0}}).third_order_weight == 50.0
+    assert FinetuneConfig.from_dict({"loss": {"hessian": 50.0}}).third_order_weight == 5000.0
     assert FinetuneConfig.from_dict({"loss": {"hessian": 50.0, "third_order": 3000.0}}).third_order_weight == 3000.0
     assert FinetuneConfig.from_dict({"loss": {"third_order": 0.0}}).third_order_weight == 0.0

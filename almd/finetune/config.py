@@ -56,8 +56,11 @@ class LossConfig:
     stress: float = 5.0
     hessian: float = 100.0
     #: λ_3 of the third-order term, the MAE of the odd Hessian part (H(x+u) − H(x−u))/2
-    #: against Φ3·u. Negative: λ_Φ. That part is ~u·Φ3, so its gradient is far smaller
-    #: than a harmonic column's, and at λ_Φ the harmonic steps set Adam's step size
+    #: against Φ3·u. Negative: 100·λ_Φ. That part is ~u·Φ3, so its gradient is far smaller
+    #: than a harmonic column's; at λ_Φ the harmonic steps set Adam's step size and 100
+    #: steps left Si's spurious second/third-shell fc3 (and κ) where they were, at 100·λ_Φ
+    #: κ rose 52 → 76 W/m·K while the harmonic errors stayed ≥ 90 % below SevenNet-0's
+    #: (benchmarks/RESULTS.md)
     third_order: float = -1.0
     replay_ratio: int = 4  #: replay steps after each phonon step (with replay data)
     huber_delta: float = 0.1
@@ -140,8 +143,8 @@ class FinetuneConfig(TomlSettings):
 
     @property
     def third_order_weight(self) -> float:
-        """λ_3: loss.third_order if given, else λ_Φ."""
-        return self.loss.third_order if self.loss.third_order >= 0 else self.loss.hessian
+        """λ_3: loss.third_order if given, else 100·λ_Φ."""
+        return self.loss.third_order if self.loss.third_order >= 0 else 100.0 * self.loss.hessian
 
     @property
     def delta_l2_weight(self) -> float:
