@@ -3,7 +3,7 @@
 A :class:`Campaign` runs MD walkers on the ensemble's member mean; each step's
 per-frame uncertainty goes to that walker's :class:`~almd.trigger.Trigger`.
 When the trigger calls, the walker's recent frames are ranked and
-de-duplicated (:func:`~almd.trigger.select_frames`), labelled by the
+de-duplicated (:func:`~almd.selection.select_frames`), labelled by the
 :class:`~almd.oracle.Oracle` into the campaign's
 :class:`~almd.dataset.LabelDatabase`, and the ensemble's heads are refitted on
 the training split and recalibrated on the held-out split; MD then goes on
@@ -36,7 +36,8 @@ from ase import Atoms
 from almd.config import CampaignConfig
 from almd.io import atomic_write
 from almd.md import Frame, StepRecord, Walker
-from almd.trigger import Decision, Trigger, select_frames
+from almd.selection import select_frames
+from almd.trigger import Decision, Trigger
 
 STEP_FIELDS = ("walker", "step", "energy", "temperature", "max_force", "score", "action", "reasons",
                "rolling_mean", "labels", "model_version")

@@ -41,7 +41,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from almd.ensemble import Calibration, Ensemble
 from almd.ensemble.calibration import coverage, reduce_atoms, spearman
 from almd.ensemble.model import per_atom_spread
-from almd.oracle import build_calculator
+from almd.references import build_calculator
 
 REDUCTIONS = ("max", "mean", "rms")
 

@@ -380,7 +380,8 @@ def test_active_learning_loop_with_trigger(si, sw, frames_1500):
     """BayLMD loop: MD on the model, trigger on its score, SW labels, refit.
     Quiet at 300 K; after a sudden heating to 1500 K the trigger calls, and the
     labels lower the model's error at 1500 K."""
-    from almd.trigger import Trigger, TriggerSettings, select_frames
+    from almd.selection import select_frames
+    from almd.trigger import Trigger, TriggerSettings
 
     prim, _, ideal = si
     m = BayesianForceConstantModel(prim, CUTOFFS, supercell=ideal)

@@ -14,7 +14,7 @@ from ase.md.verlet import VelocityVerlet
 
 from almd.ensemble import Calibration, Ensemble, EnsembleCalculator, coverage, spearman
 from almd.ensemble.calibration import isotonic_fit
-from almd.oracle import build_calculator
+from almd.references import build_calculator
 
 
 def si8(rattle: float = 0.05, seed: int = 0):

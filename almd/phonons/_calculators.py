@@ -6,83 +6,36 @@ calculator needs it, never here.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Sequence
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator as AseCalculator
 
-# Names handled locally while (or if) almd.oracle is missing.  The oracle owns
-# the canonical list; these are only fallbacks so phonons work stand-alone.
-_LOCAL_PRESETS = ("stillinger-weber-si", "emt")
-_SEVENNET_NAMES = ("sevennet-0", "7net-0", "sevennet")
-
-
 def stillinger_weber_si() -> AseCalculator:
     """matscipy's Stillinger–Weber silicon (PRB 31, 5262), analytic Hessian included."""
-    from matscipy.calculators.manybody import Manybody
-    from matscipy.calculators.manybody.explicit_forms.stillinger_weber import (
-        StillingerWeber,
-        Stillinger_Weber_PRB_31_5262_Si,
-    )
+    from almd.references import build_calculator
 
-    return Manybody(**StillingerWeber(Stillinger_Weber_PRB_31_5262_Si))
-
-
-def _local_preset(name: str) -> AseCalculator:
-    if name == "stillinger-weber-si":
-        return stillinger_weber_si()
-    if name == "emt":
-        from ase.calculators.emt import EMT
-
-        return EMT()
-    raise KeyError(name)
-
-
-def _import_path(spec: str, **kwargs: Any) -> AseCalculator:
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)(**kwargs)
+    return build_calculator("stillinger-weber-si")
 
 
 def resolve_calculator(name: str | AseCalculator, **kwargs: Any) -> AseCalculator:
     """Turn a name into an ASE calculator.
 
-    Order: an object passes through; an oracle preset or "module:Class" goes to
-    ``almd.oracle.build_calculator``; anything else is a model name or path for
-    ``almd.Calculator``.  While those modules are missing, Stillinger–Weber Si,
-    EMT and sevenn's own SevenNet-0 calculator stand in.
+    An object passes through; a reference preset (``almd.references.PRESETS``) or
+    "module:Class" goes to ``almd.references.build_calculator``; anything else is a
+    model name or path for ``almd.Calculator`` (e.g. "sevennet-0").
     """
     if not isinstance(name, str):
         return name
-    key = name.strip()
-    try:
-        from almd.oracle import PRESETS, build_calculator
-    except ImportError:
-        PRESETS, build_calculator = {}, None
-    presets = {p.lower() for p in PRESETS} | set(_LOCAL_PRESETS) | {"gpaw-pw", "espresso-pw"}
-    if key.lower() in presets or ":" in key:
-        if build_calculator is not None:
-            return build_calculator(key, **kwargs)
-        if key.lower() in _LOCAL_PRESETS:
-            return _local_preset(key.lower())
-        if ":" in key:
-            return _import_path(key, **kwargs)
-        raise ValueError(f"calculator preset {key!r} needs almd.oracle, which is not available")
-    try:
-        from almd.calculator import Calculator
-    except ImportError:
-        Calculator = None
-    if Calculator is not None:
-        return Calculator(model=key, **kwargs)
-    if key.lower() in _SEVENNET_NAMES:
-        from sevenn.calculator import SevenNetCalculator
+    from almd.references import PRESETS, build_calculator
 
-        return SevenNetCalculator("7net-0", **kwargs)
-    raise ValueError(
-        f"unknown calculator {key!r}: not an oracle preset ({', '.join(_LOCAL_PRESETS)}, 'module:Class') "
-        "and almd.Calculator is not available for model names"
-    )
+    key = name.strip()
+    if key.lower() in PRESETS or ":" in key:
+        return build_calculator(key, **kwargs)
+    from almd.calculator import Calculator
+
+    return Calculator(model=key, **kwargs)
 
 
 def calculator_label(calc: str | AseCalculator) -> str:
