@@ -36,7 +36,7 @@ from almd.references import (
     PRESETS,
     PSEUDO_DIR,
     OracleConfigError,
-    _check_pw_x,
+    check_pw_x,
     available_pseudopotentials,
     build_calculator,
     resolve_spec,
@@ -199,7 +199,7 @@ class Oracle:
             raise OracleConfigError(f"need timeout > 0 and retries >= 0, got {timeout}, {retries}")
         self.spec_name, self.kwargs = resolve_spec(spec, **overrides)
         if self.spec_name == "espresso-pw":
-            _check_pw_x(self.kwargs["command"])  # fail now, not inside every worker
+            check_pw_x(self.kwargs["command"])  # fail now, not inside every worker
         self.settings = {"calculator": self.spec_name, **self.kwargs}
         self.settings_hash = settings_hash(self.settings)
         self.name = name or self.spec_name

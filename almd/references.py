@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-__all__ = ["PRESETS", "PSEUDO_DIR", "OracleConfigError", "available_pseudopotentials",
+__all__ = ["PRESETS", "PSEUDO_DIR", "OracleConfigError", "available_pseudopotentials", "check_pw_x",
            "build_calculator", "resolve_spec"]
 
 PSEUDO_DIR = "/usr/share/espresso/pseudo"
@@ -70,7 +70,7 @@ def _espresso_pw(ecutwfc: float = 25.0, dual: float | None = None, kpt_density: 
     pseudopotentials to its elements and checks them."""
     from ase.calculators.espresso import Espresso, EspressoProfile
 
-    _check_pw_x(command)
+    check_pw_x(command)
     pseudos = dict(pseudopotentials or available_pseudopotentials(pseudo_dir, xc))
     kinds = {el: _upf_kind(Path(pseudo_dir) / f) for el, f in pseudos.items()}
     if atoms is not None:
@@ -103,7 +103,8 @@ PRESETS: dict[str, tuple[Callable[..., Any], str]] = {
 }
 
 
-def _check_pw_x(command: str) -> None:
+def check_pw_x(command: str) -> None:
+    """Raise OracleConfigError, saying how to install it, if pw.x (or its launcher) is not on PATH."""
     words = command.split() or [command]  # "mpirun -np 4 pw.x": check both programs
     for exe in {words[0], *(w for w in words if w.endswith("pw.x"))}:
         if shutil.which(exe) is not None:
