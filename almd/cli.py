@@ -14,8 +14,8 @@ import almd
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("almd.campaign", "run or resume an active-learning MD campaign (TOML; built-in Si campaign without one)"),
-    "demo": ("almd.demo", "silicon phonons: SevenNet-0 through almd.Calculator vs VASP PBE (no input files)"),
+    "run": ("almd.campaign.cli", "run or resume an active-learning MD campaign (TOML; built-in Si campaign without one)"),
+    "demo": ("almd.phonons.demo", "silicon phonons: SevenNet-0 through almd.Calculator vs VASP PBE (no input files)"),
     "phonons": ("almd.phonons", "phonons, thermal properties and kappa for any calculator"),
     "finetune": ("almd.finetune", "phonon-supervised, parameter-efficient fine-tuning from a TOML config"),
 }

@@ -52,7 +52,8 @@ def _emt(**kwargs: Any) -> Any:
 def _gpaw_pw(ecut: float = 300.0, kpt_density: float = 3.0, xc: str = "PBE",
              kpts: Any = None, txt: str | None = None, **kwargs: Any) -> Any:
     """GPAW plane waves. ``kpt_density`` is k-points per Å⁻¹ (ASE convention,
-    2π included), so one setting suits any cell; ``kpts`` overrides it."""
+    2π included), so one setting suits any cell; ``kpts`` overrides it.
+    """
     from gpaw import GPAW
 
     kpts = kpts if kpts is not None else {"density": kpt_density, "gamma": False}
@@ -67,7 +68,8 @@ def _espresso_pw(ecutwfc: float = 25.0, dual: float | None = None, kpt_density: 
     """Quantum ESPRESSO pw.x through ASE. Cutoffs in Ry (QE's unit); ``dual`` =
     ecutrho/ecutwfc, default 4 for norm-conserving and 8 when any chosen
     pseudopotential is ultrasoft/PAW. ``atoms`` (not a setting) restricts the
-    pseudopotentials to its elements and checks them."""
+    pseudopotentials to its elements and checks them.
+    """
     from ase.calculators.espresso import Espresso, EspressoProfile
 
     check_pw_x(command)

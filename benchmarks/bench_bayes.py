@@ -16,7 +16,7 @@ Rows:
   fcc           MD step with hiphive's ForceConstantCalculator alone (no score)
 
 Sub-block convergence (Callsen et al.: "Bayesian errors evaluated on sub-blocks
-of larger-supercell MD show when training has converged"; almd.bayes_convergence):
+of larger-supercell MD show when training has converged"; almd.uncertainty.bayes_convergence):
 models trained on 1, 2, 3, 5, 8, 12 rattled 64-atom structures evaluate their
 posterior force std on the same Langevin MD frames (300 K) of a larger supercell
 (default 3×3×3 conventional, 216 atoms; the MD is run with the 12-structure
@@ -42,8 +42,8 @@ from ase.build import bulk
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 
-from almd.bayes import BayesianCalculator, BayesianForceConstantModel
-from almd.bayes_convergence import block_labels, subblock_convergence
+from almd.uncertainty.bayes import BayesianCalculator, BayesianForceConstantModel
+from almd.uncertainty.bayes_convergence import block_labels, subblock_convergence
 
 
 def sw_calc():
@@ -58,7 +58,8 @@ def sw_calc():
 
 def per_step(atoms, calc, steps: int, repeats: int, score=None) -> float:
     """Best-of-repeats wall time (s) per Langevin step; ``score(atoms)`` is called
-    after every step when given (the uncertainty a walker needs)."""
+    after every step when given (the uncertainty a walker needs).
+    """
     best = np.inf
     for r in range(repeats):
         a = atoms.copy()

@@ -38,8 +38,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import almd
     from sevenn.calculator import SevenNetCalculator
+
+    import almd
 
     ours, theirs = almd.Calculator("sevennet-0"), SevenNetCalculator("7net-0")
     print(f"threads={args.threads} calls={args.calls} dtype=float32")

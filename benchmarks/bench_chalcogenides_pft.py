@@ -1,10 +1,10 @@
-"""PFT of SevenNet-0 on VASP PBE chalcogenides: phonon errors before and after, beside MACE-MP-0b3.
+r"""PFT of SevenNet-0 on VASP PBE chalcogenides: phonon errors before and after, beside MACE-MP-0b3.
 
 Issue 4, must-show 3. ONE model is fine-tuned on several materials of
 ../shared/data/dft/chalcogenides-pbe/ at once, as PFT does (docs/methods.md §1):
 
 - phonon structures: each material's perfect DFT supercell (216–512 atoms) with
-  its supercell Hessian from the DFT force constants (almd.dataset.phonon_hessian),
+  its supercell Hessian from the DFT force constants (almd.phonons.datasets.phonon_hessian),
   zero force/stress labels, one random Hessian column per step (a random material,
   then a random column of it other than its validation columns);
 - EFS structures (--efs-batch 1): the DFT displaced supercells with their forces.
@@ -88,8 +88,8 @@ def load_material(material: str, data: Path, max_val_columns: int) -> dict[str, 
     The yaml is read once (phonopy.load of a 512-atom set takes 10–20 s) and both
     the displaced supercells and the force constants come from that object.
     """
-    from almd.dataset import displaced_supercells, load_phonon_dataset, phonon_hessian
     from almd.finetune.data import sample_from_atoms
+    from almd.phonons.datasets import displaced_supercells, load_phonon_dataset, phonon_hessian
 
     path = data_file(material, data)
     ph = load_phonon_dataset(path, is_compact_fc=False)
@@ -107,7 +107,8 @@ def load_material(material: str, data: Path, max_val_columns: int) -> dict[str, 
 def validation_columns(first_atoms: list[dict], symbols: list[str], limit: int) -> list[int]:
     """One Hessian column per atom the DFT displaced (one atom per symmetry-distinct site):
     3·atom + the largest component of its first displacement. One site of each element
-    comes first, then the others, in the data set's order; at most ``limit``."""
+    comes first, then the others, in the data set's order; at most ``limit``.
+    """
     sites: dict[int, int] = {}  # displaced atom -> its column
     for d in first_atoms:
         sites.setdefault(int(d["number"]), 3 * int(d["number"]) + int(np.argmax(np.abs(d["displacement"]))))
@@ -121,7 +122,8 @@ def validation_columns(first_atoms: list[dict], symbols: list[str], limit: int) 
 def time_step(trainer: Any, phonon: Any, efs: Any, column: int, repeats: int) -> list[float]:
     """Wall time of one PFT step's forward + backward (EFS of the perfect and one displaced
     supercell, one Hessian column through third-order autograd). No optimiser step, so the
-    training run that follows is unchanged."""
+    training run that follows is unchanged.
+    """
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -135,7 +137,8 @@ def time_step(trainer: Any, phonon: Any, efs: Any, column: int, repeats: int) ->
 
 def drawn_materials(trainer: Any, seed: int, steps: int, names: list[str]) -> list[str]:
     """The phonon structure of each step: replays Finetuner.train_step's draws
-    (phonon index, column, EFS index) from the same seed (valid with batch_size 1, no replay)."""
+    (phonon index, column, EFS index) from the same seed (valid with batch_size 1, no replay).
+    """
     run = trainer.config.run
     rng = np.random.default_rng(seed)
     out = []

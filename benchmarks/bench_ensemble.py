@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from ase import units
 from ase.build import bulk
-from ase.md.verlet import VelocityVerlet
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
 
 import almd
 from almd import potentials
-from almd.ensemble import Ensemble, EnsembleCalculator
+from almd.uncertainty import Ensemble, EnsembleCalculator
 
 
 class _Naive:

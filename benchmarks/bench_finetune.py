@@ -22,8 +22,8 @@ import numpy as np
 
 def batch(small: bool):
     from almd.data import SI_PBE
-    from almd.dataset import displaced_supercells, phonon_hessian
     from almd.finetune.data import sample_from_atoms
+    from almd.phonons.datasets import displaced_supercells, phonon_hessian
 
     supercell, h = phonon_hessian(SI_PBE / "phono3py_disp.yaml")
     supercell.info["hessian"] = h
@@ -78,7 +78,8 @@ def make_step(strategy: str):
 def memory_of_step(strategy: str, samples) -> dict:
     """Bytes a PFT step holds beyond the model: tensors saved for backward (the autograd
     graph, found with saved-tensor hooks, counted once per storage) plus gradients and
-    AdamW's two moments of the trainable parameters."""
+    AdamW's two moments of the trainable parameters.
+    """
     import torch
 
     step, n = make_step(strategy)

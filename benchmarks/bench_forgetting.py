@@ -142,8 +142,9 @@ def make_structures(materials: list, seed: int, count: int) -> list:
 
 def label(frames: list, model: str = "sevennet-0") -> list:
     """Energy, forces, stress of ``model`` stored as single-point results."""
-    import almd
     from ase.calculators.singlepoint import SinglePointCalculator
+
+    import almd
 
     calc = almd.Calculator(model)
     out = []
@@ -272,8 +273,8 @@ def stage_snapshot(variant: str, out: Path, checkpoint: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ evaluation
 def _si_held_out(out: Path):
     """The DFT displaced supercells the Si fine-tunes held out (same split in every variant)."""
-    from almd.finetune.data import load_efs, split_validation
     from almd.data import SI_PBE
+    from almd.finetune.data import load_efs, split_validation
 
     _, val = split_validation(load_efs(SI_PBE), 0.1)
     return val[:4]

@@ -1,4 +1,4 @@
-"""NaCl: fine-tuning SevenNet-0 on n DFT structures, by adapter strategy (issue 4, must-show 2).
+r"""NaCl: fine-tuning SevenNet-0 on n DFT structures, by adapter strategy (issue 4, must-show 2).
 
 Data: phono3py's NaCl example (VASP PBE; Togo & Seko 2024), the fc3 set of 100
 supercells of 64 atoms (2×2×2 conventional), every atom displaced by 0.03 Å in
@@ -88,7 +88,7 @@ PHONON_KEYS = ("omega_max_K_abs_error", "F_kJ_mol_abs_error", "S_J_K_mol_abs_err
 # ---------------------------------------------------------------- data
 def load_data(path: Path) -> tuple[Any, list]:
     """(phono3py object, the 100 fc3 supercells as Atoms with DFT energy and forces)."""
-    from almd.dataset import displaced_supercells, load_phonon_dataset
+    from almd.phonons.datasets import displaced_supercells, load_phonon_dataset
 
     ph3 = load_phonon_dataset(path)
     cells = [a for a in displaced_supercells(ph3) if a.info["set"] == "fc3"]

@@ -11,7 +11,7 @@
    calibrated 1σ (target 0.68 ± 0.10), for
    * ``scale``: σ = s·spread (the spread alone decides the ranking);
    * ``scale+force``: σ² = (s·spread)² + a²|F̄|²/3, the model-form term that
-     all members share (see almd.ensemble.calibration), (s, a) by likelihood.
+     all members share (see almd.uncertainty.calibration), (s, a) by likelihood.
    And a ceiling: how well *any* score could rank frames within a temperature,
    from the split-half reliability of the true frame RMSE (random halves of
    the atoms; Spearman–Brown): frames of one temperature whose errors differ
@@ -38,10 +38,10 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-from almd.ensemble import Calibration, Ensemble
-from almd.ensemble.calibration import coverage, reduce_atoms, spearman
-from almd.ensemble.model import per_atom_spread
 from almd.references import build_calculator
+from almd.uncertainty import Calibration, Ensemble
+from almd.uncertainty.calibration import coverage, reduce_atoms, spearman
+from almd.uncertainty.ensemble import per_atom_spread
 
 REDUCTIONS = ("max", "mean", "rms")
 

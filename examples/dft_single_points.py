@@ -18,8 +18,8 @@ import numpy as np
 from ase.build import bulk
 from ase.units import GPa
 
-from almd.dataset import LabelDatabase
-from almd.oracle import Oracle, OracleConfigError
+from almd.labels.database import LabelDatabase
+from almd.labels.oracle import Oracle, OracleConfigError
 
 # small settings so that the example finishes in about a minute; raise them for science
 ORACLES = {

@@ -14,6 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DFT = ROOT.parent / "shared" / "data" / "dft"
 
 
+@pytest.fixture(autouse=True)
+def numpy_as_it_was():
+    """GPAW, imported under pytest, swaps np.empty for a NaN-filling debug version and makes
+    floating-point warnings raise (gpaw/__init__.py); undo that after every test so that a
+    test which builds a GPAW calculator cannot break the tests after it.
+    """
+    import numpy as np
+
+    saved = np.empty, np.empty_like, np.geterr()
+    yield
+    np.empty, np.empty_like = saved[:2]
+    np.seterr(**saved[2])
+
+
 @pytest.fixture(scope="session")
 def sevennet64():
     """SevenNet-0 in float64, for finite-difference checks."""
@@ -71,8 +85,9 @@ def same_losses_and_gradients():
 
 def small_si_campaign(out, steps: int, checkpoint_every: int = 6, **sections):
     """The test suite's campaign: the 8-atom Si cell at 1200 K, 2 members, Stillinger–Weber labels,
-    a trigger that calls every few steps; ``sections`` add or replace whole sections."""
-    from almd.config import CampaignConfig
+    a trigger that calls every few steps; ``sections`` add or replace whole sections.
+    """
+    from almd.campaign.config import CampaignConfig
 
     return CampaignConfig.from_dict({
         "system": {"supercell": [1, 1, 1]},

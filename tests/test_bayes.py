@@ -9,7 +9,7 @@ from ase.build import bulk
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 
-from almd.bayes import BayesianCalculator, BayesianForceConstantModel, evidence_ridge
+from almd.uncertainty.bayes import BayesianCalculator, BayesianForceConstantModel, evidence_ridge
 
 A_SI = 5.431  # Å, the Stillinger–Weber equilibrium lattice constant
 CUTOFFS = [5.0, 4.0]  # Å; 37 parameters (fc2 to 4th shell, fc3 to the 2nd-neighbour triplets)
@@ -112,7 +112,7 @@ def test_evidence_ridge_matches_sklearn_on_design_matrix(model):
     scale = np.abs(tight.mean).max()
     assert np.abs(tight.mean - br.coef_).max() < 1e-6 * scale
     assert np.abs(tight.cov - br.sigma_).max() < 1e-6 * np.abs(br.sigma_).max()
-    # The default tolerance of methods.md (0.01 on α and β) is close enough.
+    # The default tolerance of docs/methods.md (0.01 on α and β) is close enough.
     loose = model.fit_result
     assert loose.converged and loose.n_iter < 50
     assert loose.beta == pytest.approx(br.alpha_, rel=0.05)
@@ -135,7 +135,8 @@ def test_evidence_ridge_synthetic_recovers_noise():
 
 def test_design_matrix_equals_hiphive_force_constants(model, si):
     """Φ(u) p equals the forces of hiphive's own force constants for parameters p
-    (full fc2/fc3 arrays contracted with u): checks our sparse expansion."""
+    (full fc2/fc3 arrays contracted with u): checks our sparse expansion.
+    """
     from hiphive.force_constant_model import ForceConstantModel
 
     ideal = si[2]
@@ -379,9 +380,10 @@ def test_fc3_for_phono3py_is_symmetric(model, si):
 def test_active_learning_loop_with_trigger(si, sw, frames_1500):
     """BayLMD loop: MD on the model, trigger on its score, SW labels, refit.
     Quiet at 300 K; after a sudden heating to 1500 K the trigger calls, and the
-    labels lower the model's error at 1500 K."""
-    from almd.selection import select_frames
-    from almd.trigger import Trigger, TriggerSettings
+    labels lower the model's error at 1500 K.
+    """
+    from almd.campaign.selection import select_frames
+    from almd.campaign.trigger import Trigger, TriggerSettings
 
     prim, _, ideal = si
     m = BayesianForceConstantModel(prim, CUTOFFS, supercell=ideal)
@@ -431,7 +433,8 @@ def big(si):
 @pytest.fixture(scope="module")
 def big_frames(model, big):
     """Larger-supercell MD run with the model itself (no reference calls), as in
-    Callsen et al.; started hot (600 K) into a 300 K bath, 2 fs steps."""
+    Callsen et al.; started hot (600 K) into a 300 K bath, 2 fs steps.
+    """
     a = big.copy()
     a.calc = BayesianCalculator(model, big)
     thermalize_momenta(a, temperature_K=600, rng=np.random.default_rng(3))
@@ -445,7 +448,7 @@ def big_frames(model, big):
 
 
 def test_block_labels_partition_the_large_cell(si, model, big):
-    from almd.bayes_convergence import block_labels
+    from almd.uncertainty.bayes_convergence import block_labels
 
     ideal = si[2]
     lab = block_labels(big, None, model)  # default: blocks no larger than the training cell
@@ -467,10 +470,11 @@ def test_large_supercell_design_block_matches_hiphive_and_small_cell(si, model, 
     ClusterSpace, never trained on) gives the forces of hiphive's
     ForceConstantPotential there; and a configuration that is periodic in one
     conventional cell has the same forces and posterior std per atom in the 64-
-    and the 216-atom cell."""
+    and the 216-atom cell.
+    """
     import itertools
 
-    from almd.bayes import displacements
+    from almd.uncertainty.bayes import displacements
 
     frame = big_frames[-1]
     f = model.predict_forces(frame, ideal=big)
@@ -508,9 +512,10 @@ def test_large_supercell_design_block_matches_hiphive_and_small_cell(si, model, 
 
 def test_subblock_errors_fall_with_training_and_convergence_flips(si, sw, model, big, big_frames):
     """(2) Same larger-cell MD frames, models trained on 1, 3 and 8 structures:
-    every sub-block error falls, and the decision flips to converged."""
-    from almd.bayes_convergence import subblock_convergence, subblock_errors
-    from almd.trigger import Trigger, TriggerSettings
+    every sub-block error falls, and the decision flips to converged.
+    """
+    from almd.campaign.trigger import Trigger, TriggerSettings
+    from almd.uncertainty.bayes_convergence import subblock_convergence, subblock_errors
 
     ideal = si[2]
     train = rattled(ideal, 8, 0.06, 0, sw)  # the first 5 are the module model's
@@ -545,8 +550,9 @@ def test_subblock_errors_fall_with_training_and_convergence_flips(si, sw, model,
 
 def test_far_displacement_is_localised_in_its_block(model, big, big_frames):
     """(3) One atom moved 0.8 Å (training: 0.06 Å rms): its block's error jumps
-    and is the largest; blocks beyond the cutoff of that atom do not change."""
-    from almd.bayes_convergence import block_labels, subblock_convergence, subblock_errors
+    and is the largest; blocks beyond the cutoff of that atom do not change.
+    """
+    from almd.uncertainty.bayes_convergence import block_labels, subblock_convergence, subblock_errors
 
     frame = big_frames[0]
     frac = big.get_scaled_positions()

@@ -1,5 +1,6 @@
 """almd.Calculator as users meet it: against sevenn's own calculator, inside ASE
-dynamics and optimisers, with a reused neighbour list, and through phonopy."""
+dynamics and optimisers, with a reused neighbour list, and through phonopy.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def test_matches_sevenn_calculator(sevennet32):
 
 def test_nve_conserves_energy_with_reused_neighbour_list():
     """NVE with VelocityVerlet at 1 fs: total energy drifts < 2 meV/atom over 60 steps while
-    the neighbour list (skin 0.5 Å) is rebuilt only a few times."""
+    the neighbour list (skin 0.5 Å) is rebuilt only a few times.
+    """
     calc = almd.Calculator("sevennet-0", skin=0.5)
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)
     MaxwellBoltzmannDistribution(atoms, temperature_K=600, rng=np.random.default_rng(1))
@@ -50,7 +52,8 @@ def test_nve_conserves_energy_with_reused_neighbour_list():
 
 def test_skin_does_not_change_results():
     """A reused neighbour list (skin) gives the same forces as one rebuilt every call, bit for bit
-    (the cache hands out the pairs inside the cutoff in a canonical order)."""
+    (the cache hands out the pairs inside the cutoff in a canonical order).
+    """
     base = bulk("Si", "diamond", a=5.43, cubic=True)
     with_skin = almd.Calculator("sevennet-0", dtype="float64", skin=1.0)
     no_skin = almd.Calculator("sevennet-0", dtype="float64", skin=0.0)

@@ -6,10 +6,11 @@ import csv
 
 import numpy as np
 import pytest
-
-from almd.campaign import Campaign
-from almd.config import CampaignConfig, ConfigError
 from conftest import small_si_campaign
+
+from almd.campaign.config import CampaignConfig
+from almd.campaign.loop import Campaign
+from almd.settings import ConfigError
 
 
 def config(out, steps: int) -> CampaignConfig:
@@ -77,6 +78,6 @@ def test_unknown_element_is_named_before_any_reference_call(tmp_path):
                                     "run": {"output": str(tmp_path / "out"), "progress": False}})
     with pytest.raises(UnknownElementError, match="Db"):
         Campaign(cfg)
-    from almd.dataset import LabelDatabase
+    from almd.labels.database import LabelDatabase
 
     assert len(LabelDatabase(tmp_path / "out" / "labels.db")) == 0

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from almd.campaign import Campaign
-from almd.config import CampaignConfig, ConfigError
 from conftest import small_si_campaign
+
+from almd.campaign.config import CampaignConfig
+from almd.campaign.loop import Campaign
+from almd.settings import ConfigError
 
 
 def config(out, steps: int, every: int = 1, **finetune) -> CampaignConfig:
@@ -25,7 +26,13 @@ def rows(out) -> list[tuple]:
                 for r in csv.DictReader(fh)]
 
 
-STEPS, EVERY = 10, 2  # labels at steps 2, 6 and 10: one fine-tune, at step 6
+STEPS, EVERY = 16, 2  # a fine-tune round every 2 training labels; where it falls is read from the run
+
+
+def round_step(out, model_version: int) -> int:
+    """The MD step at which the fine-tune round that started ``model_version`` ran (from steps.csv)."""
+    with open(out / "steps.csv") as fh:
+        return min(int(r["step"]) for r in csv.DictReader(fh) if int(r["model_version"]) >= model_version)
 
 
 class Killed(Exception):
@@ -41,12 +48,13 @@ def straight(tmp_path_factory):
 
 
 def test_walkers_run_on_the_finetuned_backbone(straight):
-    import almd
-    from almd import potentials
     from ase.build import bulk
 
+    import almd
+    from almd import potentials
+
     campaign, result = straight
-    assert result.finetunes == 1
+    assert result.finetunes >= 1
     path = campaign.output / "models" / f"backbone-v{campaign.finetunes[-1]['model_version']}.pt"
     assert result.backbone == str(path) and path.is_file()
 
@@ -68,15 +76,23 @@ def test_walkers_run_on_the_finetuned_backbone(straight):
 
     assert force_error(tuned) < force_error(base)
     info = json.loads((campaign.output / "campaign.json").read_text())
-    assert info["backbone"] == str(path) and len(info["finetunes"]) == 1
-    # labels made after the round say so in their provenance
-    versions = [a.info["model_version"] for a in campaign.database.frames(status="ok")]
-    assert max(versions) >= campaign.finetunes[0]["model_version"]
+    assert info["backbone"] == str(path) and len(info["finetunes"]) == result.finetunes
+    # labels made after the first round say so in their provenance, labels before it do not
+    version = campaign.finetunes[0]["model_version"]
+    step = round_step(campaign.output, version)
+    assert step < STEPS
+    labels = [(a.info["step"], a.info["model_version"]) for a in campaign.database.frames(status="ok")]
+    assert all(v >= version for s, v in labels if s > step)
+    assert all(v < version for s, v in labels if s < step)
+    # and every MD step after the round was run on the fine-tuned model
+    with open(campaign.output / "steps.csv") as fh:
+        assert all(int(r["model_version"]) >= version for r in csv.DictReader(fh) if int(r["step"]) > step)
 
 
 def killed(campaign: Campaign, before=None, after=None) -> None:
     """Run ``campaign`` until ``before(campaign)`` (checked before a round) or ``after(campaign)``
-    (after one, so its work is done but never checkpointed) says so, then die."""
+    (after one, so its work is done but never checkpointed) says so, then die.
+    """
     round_ = campaign._round
 
     def dying():
@@ -93,21 +109,24 @@ def killed(campaign: Campaign, before=None, after=None) -> None:
 
 
 def test_a_killed_campaign_resumes_with_its_finetuned_backbone_bit_for_bit(straight, tmp_path):
-    _, reference = straight
+    campaign, reference = straight
     state = lambda: json.loads((tmp_path / "campaign.json").read_text())  # noqa: E731
+    first = campaign.finetunes[0]
+    step = round_step(reference.output, first["model_version"])
+    assert step + 4 <= STEPS, "the scenario needs a checkpoint after the first round"
 
-    # killed right after the fine-tune (step 6), before it was checkpointed: the round is redone
+    # killed right after the first fine-tune, before it was checkpointed: the round is redone
     killed(Campaign(config(tmp_path, STEPS, every=EVERY)), after=lambda c: bool(c.finetunes))
-    assert state()["steps"]["0"] == 4 and state()["backbone"] == "sevennet-0"
-    # killed after the checkpoint of step 8, which holds the fine-tuned backbone: resumed on it
-    killed(Campaign(config(tmp_path, STEPS, every=EVERY)), before=lambda c: state()["steps"]["0"] == 8)
-    assert state()["backbone"] == reference.backbone.replace(str(reference.output), str(tmp_path))
+    assert state()["steps"]["0"] < step and state()["backbone"] == "sevennet-0"
+    # killed after the first checkpoint that holds the fine-tuned backbone: resumed on it
+    killed(Campaign(config(tmp_path, STEPS, every=EVERY)), before=lambda c: state()["backbone"] != "sevennet-0")
+    assert state()["backbone"] == first["backbone"].replace(str(reference.output), str(tmp_path))
     result = Campaign(config(tmp_path, STEPS, every=EVERY)).run()
 
     a, b = (json.loads((d / "walker-0.json").read_text()) for d in (reference.output, tmp_path))
     assert a == b
     assert rows(reference.output) == rows(tmp_path)
-    assert result.finetunes == reference.finetunes == 1 and result.labels == reference.labels
+    assert result.finetunes == reference.finetunes >= 1 and result.labels == reference.labels
 
 
 def test_bad_finetune_settings_name_the_key(tmp_path):
@@ -127,7 +146,7 @@ def test_bad_finetune_settings_name_the_key(tmp_path):
 
 
 def test_a_finetune_file_gives_the_settings_and_the_campaign_the_rest(tmp_path):
-    from almd.campaign_finetune import finetune_config
+    from almd.campaign.finetune_round import finetune_config
 
     (tmp_path / "ft.toml").write_text('[model]\nlora_rank = 2\nstrategy = "full"\n[loss]\nforces = 7.0\n'
                                       '[data]\nefs = ["elsewhere.xyz"]\n[run]\nsteps = 500\nefs_batch = 3\n')

@@ -12,9 +12,9 @@ from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.verlet import VelocityVerlet
 
-from almd.ensemble import Calibration, Ensemble, EnsembleCalculator, coverage, spearman
-from almd.ensemble.calibration import isotonic_fit
 from almd.references import build_calculator
+from almd.uncertainty import Calibration, Ensemble, EnsembleCalculator, coverage, spearman
+from almd.uncertainty.calibration import isotonic_fit
 
 
 def si8(rattle: float = 0.05, seed: int = 0):
@@ -129,7 +129,7 @@ def test_calibration_recovers_known_scale():
 
 
 def test_refit_and_calibration_from_a_label_database(fitted, tmp_path):
-    from almd.dataset import LabelDatabase
+    from almd.labels.database import LabelDatabase
 
     ens, frames, _ = fitted
     assert ens.fit(frames)["frames"] == 3  # the same labels again: nothing counted twice

@@ -11,8 +11,7 @@ from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from almd import potentials
-from almd.finetune import ConfigError, DataError, FinetuneConfig, Finetuner, Sample
-from almd.finetune import losses
+from almd.finetune import ConfigError, DataError, FinetuneConfig, Finetuner, Sample, losses
 from almd.potentials import build_graph, hessian, hessian_vector_product
 
 
@@ -115,7 +114,8 @@ def test_pft_steps_reduce_hessian_error_and_export(base, si2_target, tmp_path):
 
 def test_efs_only_finetune_still_reports_the_hessian_column_error(base, si2_target, tmp_path):
     """λ_Φ = 0 (the EFS-only side of the PFT comparison): no Hessian term in training or in the
-    validation loss, but the validation column error is still measured."""
+    validation loss, but the validation column error is still measured.
+    """
     trainer = Finetuner(config(tmp_path, loss={"hessian": 0.0}, run={"steps": 2}),
                         potential=copy.deepcopy(base), phonon=[si2_target])
     result = trainer.fit(save_model=False)
@@ -241,7 +241,8 @@ def labelled(atoms, energy, forces):
 
 def test_given_replay_energies_get_the_fitted_shifts(base, si2_target, tmp_path):
     """A base-labelled replay file sits at the base's energy reference: the shifts fitted on the
-    fine-tuning labels (and applied to the model) are added to its energies too."""
+    fine-tuning labels (and applied to the model) are added to its energies too.
+    """
     def base_labels(atoms):
         out = potentials.energy_forces_stress(base, build_graph(atoms, base.cutoff, torch.float64), stress=False)
         return float(out["energy"].detach().sum()), out["forces"].detach().numpy()

@@ -16,8 +16,8 @@ from ase.build import bulk
 from ase.calculators.calculator import Calculator, all_changes
 from ase.units import _amu, _e
 
-from almd.dataset import LabelDatabase
-from almd.oracle import (
+from almd.labels.database import LabelDatabase
+from almd.labels.oracle import (
     PRESETS,
     LabelResult,
     Oracle,
@@ -356,7 +356,8 @@ def test_espresso_single_point(tmp_path):
 def test_gpaw_gamma_optical_phonon_of_si(tmp_path):
     """Frozen phonon in the 2-atom cell: displacing atom 0 by u along x is the
     Γ-point problem; by the acoustic sum rule the optical mode has ω² = k/μ with
-    k = (F1x − F0x)/(2u) and μ = m/2. Reference: 15.09 THz from the VASP PBE data."""
+    k = (F1x − F0x)/(2u) and μ = m/2. Reference: 15.09 THz from the VASP PBE data.
+    """
     pytest.importorskip("gpaw")
     u = 0.015
     atoms = bulk("Si", "diamond", a=A_SI_PBE)
@@ -387,7 +388,8 @@ def test_espresso_scf_failure_is_reported_as_such(tmp_path):
 
 def test_missing_executable_of_a_generic_calculator_is_a_failed_result(tmp_path):
     """Only presets can check their program up front; for any other file-based
-    calculator the missing program surfaces in the worker and is recorded."""
+    calculator the missing program surfaces in the worker and is recorded.
+    """
     from ase.calculators.espresso import EspressoProfile
 
     profile = EspressoProfile(command="no-such-pw.x", pseudo_dir="/usr/share/espresso/pseudo")
@@ -411,7 +413,7 @@ def test_calculator_defined_in_a_user_script(tmp_path):
         "import numpy as np\n"
         "from ase.build import bulk\n"
         "from ase.calculators.calculator import Calculator, all_changes\n"
-        "from almd.oracle import Oracle\n\n"
+        "from almd.labels.oracle import Oracle\n\n"
         "class Toy(Calculator):\n"
         "    implemented_properties = ['energy', 'forces']\n"
         "    def calculate(self, atoms=None, properties=('energy',), system_changes=all_changes):\n"
@@ -427,7 +429,7 @@ def test_calculator_defined_in_a_user_script(tmp_path):
 
 def test_oracle_and_dataset_do_not_import_torch():
     """The oracle must run on DFT nodes without the ML stack (architecture contract)."""
-    code = ("import sys, almd.oracle, almd.dataset; "
+    code = ("import sys, almd.labels.oracle, almd.labels.database, almd.phonons.datasets; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sevenn', 'mace')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

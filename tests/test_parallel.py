@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from almd.campaign import Campaign
-from almd.config import CampaignConfig
+from almd.campaign.config import CampaignConfig
+from almd.campaign.loop import Campaign
 
 pytestmark = pytest.mark.mpi
 

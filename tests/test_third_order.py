@@ -1,5 +1,6 @@
 """Third-order labels: the Hessian Φ2 + Φ3·u that a phono3py data set's own force
-constants give at its displaced geometries, checked against an exact Hessian."""
+constants give at its displaced geometries, checked against an exact Hessian.
+"""
 
 import numpy as np
 import pytest
@@ -8,13 +9,12 @@ from ase.build import bulk
 
 from almd import potentials
 from almd.finetune import Sample, losses
-from almd.potentials import build_graph, energy_forces_stress, hessian_vector_product
-
-from almd.dataset import third_order_hessians
 from almd.finetune.data import sample_from_atoms
 from almd.phonons import resolve_calculator
 from almd.phonons._calculators import get_hessian
+from almd.phonons.datasets import third_order_hessians
 from almd.phonons.harmonic import to_ase_atoms, to_phonopy_atoms
+from almd.potentials import build_graph, energy_forces_stress, hessian_vector_product
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,8 @@ def test_third_order_sample_keeps_forces_not_relaxed_stress(sw_phono3py):
 
 def test_mirrored_term_is_the_odd_part_of_the_model_hessian(same_losses_and_gradients):
     """A third-order sample's column term compares (H(x+u) − H(x−u))/2 from one batched
-    HVP; its EFS terms are those of x + u alone. Same values and gradients as separate calls."""
+    HVP; its EFS terms are those of x + u alone. Same values and gradients as separate calls.
+    """
     base = potentials.load("sevennet-0").double().eval()
     perfect = bulk("Si", "diamond", a=5.43, cubic=True)
     atoms, mirror = perfect.copy(), perfect.copy()
@@ -103,7 +104,8 @@ def test_mirrored_term_is_the_odd_part_of_the_model_hessian(same_losses_and_grad
 
 def test_finetune_config_takes_third_order_data(tmp_path):
     """data.third_order: the shipped VASP Si set's displaced supercells become mirrored
-    third-order samples, 4 held out for validation; steps alternate with the phonon set."""
+    third-order samples, 4 held out for validation; steps alternate with the phonon set.
+    """
     from almd.data import SI_PBE
     from almd.finetune import FinetuneConfig, Finetuner
 

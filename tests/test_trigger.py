@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from almd.selection import frame_distance, select_frames
-from almd.trigger import Action, Trigger, TriggerSettings
+from almd.campaign.selection import frame_distance, select_frames
+from almd.campaign.trigger import Action, Trigger, TriggerSettings
 
 
 def run(trig: Trigger, scores, start: int = 0):

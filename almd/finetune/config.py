@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from almd.config import TomlSettings, bad
 from almd.potentials.adapters import STRATEGIES
+from almd.settings import TomlSettings, bad
 
 
 @dataclass

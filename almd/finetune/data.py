@@ -18,6 +18,7 @@ from ase.stress import voigt_6_to_full_3x3_stress
 
 from almd.potentials import Potential, build_graph, energy_forces_stress, neighbor_pairs
 from almd.potentials.graph import NeighborPairs
+from almd.structures import bare
 
 
 class DataError(ValueError):
@@ -72,7 +73,7 @@ def sample_from_atoms(atoms: Atoms, name: str = "") -> Sample:
             forces = np.zeros((len(atoms), 3)) if forces is None else forces
             if stress is None and atoms.pbc.all():
                 stress = np.zeros((3, 3))
-    frame = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    frame = bare(atoms)
     return Sample(frame, None if res.get("energy") is None else float(res["energy"]),
                   None if forces is None else np.asarray(forces, dtype=float), stress, hessian,
                   name or atoms.get_chemical_formula(), columns=columns)
@@ -94,7 +95,7 @@ def _phonon_file(path: Path) -> Path:
 
 def _frames(path: Path) -> list[Atoms]:
     if path.suffix == ".db":
-        from almd.dataset import LabelDatabase
+        from almd.labels.database import LabelDatabase
 
         return LabelDatabase(path).frames(status="ok")
     import ase.io
@@ -108,7 +109,7 @@ def load_phonon(path: str | Path) -> list[Sample]:
     if not path.exists():
         raise DataError(f"phonon data not found: {path}")
     if _is_phonon_set(path):
-        from almd.dataset import phonon_hessian
+        from almd.phonons.datasets import phonon_hessian
 
         file = _phonon_file(path)
         supercell, h = phonon_hessian(file)
@@ -121,7 +122,7 @@ def load_phonon(path: str | Path) -> list[Sample]:
 def load_third_order(path: str | Path, min_signal: float = 0.1, odd: bool = True) -> list[Sample]:
     """Third-order samples of a phono3py data set: each displaced supercell x + u with its
     DFT forces and a Hessian label from the data's force constants, columns restricted to
-    where Φ3·u is (almd.dataset.third_order_hessians).
+    where Φ3·u is (almd.phonons.datasets.third_order_hessians).
 
     ``odd`` (default): the label is Φ3·u and the sample carries its mirror x − u, so the
     term compares the odd part of the model's Hessian, free of its fc2 error (see
@@ -130,7 +131,7 @@ def load_third_order(path: str | Path, min_signal: float = 0.1, odd: bool = True
     path = Path(path)
     if not path.exists():
         raise DataError(f"phonon data not found: {path}")
-    from almd.dataset import third_order_hessians
+    from almd.phonons.datasets import third_order_hessians
 
     file = _phonon_file(path)
     try:
@@ -155,7 +156,7 @@ def load_efs(path: str | Path) -> list[Sample]:
     if not path.exists():
         raise DataError(f"EFS data not found: {path}")
     if _is_phonon_set(path):
-        from almd.dataset import displaced_supercells
+        from almd.phonons.datasets import displaced_supercells
 
         file = _phonon_file(path)
         return [sample_from_atoms(a, f"{file.name}:displaced[{a.info.get('index', i)}]")
@@ -193,7 +194,8 @@ def check_samples(samples: list[Sample], potential: Potential, role: str) -> Non
 
 def split_validation(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
     """Deterministic split by structure content (same structure, same side, every run)."""
-    from almd.dataset import assign_split, structure_hash
+    from almd.labels.database import assign_split
+    from almd.structures import structure_hash
 
     train, val = [], []
     for s in samples:
@@ -212,7 +214,8 @@ def model_labels(potential: Potential, atoms: list[Atoms], dtype: torch.dtype) -
 
 def fit_energy_shifts(potential: Potential, samples: list[Sample], dtype: torch.dtype) -> dict[int, float]:
     """Per-element energy offsets s_Z (linear in composition) that best map the model's
-    energies onto the labels' (a different DFT code/pseudopotential shifts each element)."""
+    energies onto the labels' (a different DFT code/pseudopotential shifts each element).
+    """
     labelled = [s for s in samples if s.energy is not None]
     if not labelled:
         return {}
@@ -228,29 +231,17 @@ def apply_energy_shifts(potential: Potential, shifts: dict[int, float]) -> None:
     """Add s_Z to the backbone's per-element energy (in place; exported with the model)."""
     if not shifts:
         return
-    inner = potential.model
-    with torch.no_grad():
-        if hasattr(inner, "rescale_atomic_energy"):  # SevenNet: E_i = scale·x + shift[type]
-            layer = inner._modules["rescale_atomic_energy"]
-            type_map = inner.type_map
-            shift = layer.shift
-            if shift.numel() == 1:
-                raise DataError("this SevenNet model has one shared energy shift; per-element shifts need one per type")
-            for z, s in shifts.items():
-                shift[type_map[z]] += s
-        elif hasattr(inner, "atomic_energies_fn"):  # MACE: E0 per element
-            e0 = inner.atomic_energies_fn.atomic_energies
-            for z, s in shifts.items():
-                e0.view(-1, e0.shape[-1])[..., list(potential.species).index(z)] += s
-        else:
-            raise DataError(f"{type(potential).__name__}: no per-element energy to shift; "
-                            "set data.fit_energy_shifts = false")
+    try:
+        potential.add_energy_shifts(shifts)
+    except (NotImplementedError, ValueError) as exc:
+        raise DataError(f"{exc}; set data.fit_energy_shifts = false") from None
 
 
 def self_distilled(potential: Potential, samples: list[Sample], count: int, rattle: float,
                    strain: float, seed: int, dtype: torch.dtype) -> list[Sample]:
     """Replay data from the frozen base model: training structures rattled and strained,
-    labelled by the model *before* training, so co-training pulls towards what it knew."""
+    labelled by the model *before* training, so co-training pulls towards what it knew.
+    """
     if not samples or count < 1:
         return []
     rng = np.random.default_rng(seed + 7919)

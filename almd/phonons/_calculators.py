@@ -12,8 +12,9 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator as AseCalculator
 
+
 def stillinger_weber_si() -> AseCalculator:
-    """matscipy's Stillinger–Weber silicon (PRB 31, 5262), analytic Hessian included."""
+    """Matscipy's Stillinger–Weber silicon (PRB 31, 5262), analytic Hessian included."""
     from almd.references import build_calculator
 
     return build_calculator("stillinger-weber-si")
@@ -33,7 +34,7 @@ def resolve_calculator(name: str | AseCalculator, **kwargs: Any) -> AseCalculato
     key = name.strip()
     if key.lower() in PRESETS or ":" in key:
         return build_calculator(key, **kwargs)
-    from almd.calculator import Calculator
+    from almd.potentials.calculator import Calculator
 
     return Calculator(model=key, **kwargs)
 
@@ -67,7 +68,8 @@ def has_hessian(calc: AseCalculator) -> bool:
 
 def has_analytic_hessian(calc: AseCalculator) -> bool:
     """A closed-form Hessian (matscipy) costs about one force call; an autodiff one
-    costs 3N Hessian-vector products, far more than phonopy's few displacements."""
+    costs 3N Hessian-vector products, far more than phonopy's few displacements.
+    """
     return "hessian" in getattr(calc, "implemented_properties", ())
 
 
@@ -95,7 +97,7 @@ def hessian_to_fc(hessian: np.ndarray) -> np.ndarray:
 
 
 def fc_to_hessian(fc: np.ndarray) -> np.ndarray:
-    """phonopy full force constants (N, N, 3, 3) → (3N, 3N) Hessian (methods.md convention)."""
+    """Phonopy full force constants (N, N, 3, 3) → (3N, 3N) Hessian (methods.md convention)."""
     n = fc.shape[0]
     return fc.swapaxes(1, 2).reshape(3 * n, 3 * n).copy()
 

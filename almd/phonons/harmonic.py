@@ -32,6 +32,7 @@ from almd.phonons._calculators import (
     resolve_calculator,
 )
 from almd.phonons._qpath import high_symmetry_path, path_qpoints
+from almd.structures import minimum_image
 
 THZ_TO_K = 47.99243073366221  # h·1 THz / k_B
 DEFAULT_TEMPERATURES = (0.0, 100.0, 200.0, 300.0, 400.0, 500.0, 600.0, 800.0, 1000.0)
@@ -106,7 +107,7 @@ def relax_structure(
 # ---------------------------------------------------------------- force constants
 @contextlib.contextmanager
 def quiet_auto_primitive() -> Iterator[None]:
-    """phonopy 4 warns whenever primitive_matrix='auto' finds a non-identity matrix; here 'auto' is a choice."""
+    """Phonopy 4 warns whenever primitive_matrix='auto' finds a non-identity matrix; here 'auto' is a choice."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="primitive_matrix defaulted")
         yield
@@ -211,7 +212,7 @@ def hvp_forces(ph: Phonopy, calc: AseCalculator) -> np.ndarray:
     """Forces -H·u of ph's displacements from the calculator's Hessian-vector products."""
     perfect = to_ase_atoms(ph.supercell)
     us = np.array([c.positions - ph.supercell.positions for c in ph.supercells_with_displacements])
-    us -= np.round(us @ np.linalg.inv(ph.supercell.cell)) @ ph.supercell.cell  # minimum image
+    us = minimum_image(us, ph.supercell.cell)
     return -calc.get_hessian_vector_products(perfect, us)
 
 

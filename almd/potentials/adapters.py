@@ -179,27 +179,10 @@ def add_delta(potential: nn.Module) -> list[str]:
 
 
 def layer_groups(potential: nn.Module) -> dict[str, list[str]]:
-    """Parameter names by layer group: ``embedding``, ``block0``…``blockK``, ``readout``.
-
-    SevenNet modules are named ``<k>_<layer>``; MACE's ``interactions.k`` /
-    ``products.k`` are block k and ``readouts.*`` the readout; everything else
-    (species and radial embeddings, scale/shift) counts as embedding.
+    """Parameter names by layer group: ``embedding``, ``block0``…``blockK``, ``readout``
+    (the backbone's own :meth:`~almd.potentials.Potential.layer_groups`).
     """
-    groups: dict[str, list[str]] = {}
-    for name, _ in potential.named_parameters():
-        parts = name.split(".")
-        top = parts[1] if parts[0] == "model" and len(parts) > 1 else parts[0]
-        m = re.match(r"^(\d+)_", top)
-        if m:
-            group = f"block{m.group(1)}"
-        elif top in ("interactions", "products") and len(parts) > 2 and parts[2].isdigit():
-            group = f"block{parts[2]}"
-        elif top.startswith(("reduce_", "readout", "rescale")) or top == "readouts":
-            group = "readout"
-        else:
-            group = "embedding"
-        groups.setdefault(group, []).append(name)
-    return groups
+    return potential.layer_groups()
 
 
 def freeze(potential: nn.Module, groups: list[str] | tuple[str, ...]) -> list[str]:

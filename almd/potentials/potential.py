@@ -36,7 +36,7 @@ class Potential(nn.Module):
     def edges(self, graph: Graph) -> tuple[torch.Tensor, torch.Tensor]:
         """Edge index and differentiable edge vectors, restricted to the cutoff.
 
-        Neighbour lists may be built with a skin (see almd.calculator); pairs that
+        Neighbour lists may be built with a skin (see almd.potentials.calculator); pairs that
         moved out of range are dropped here, pairs that moved in are the skin's job.
         """
         vectors = graph.edge_vectors()
@@ -74,3 +74,32 @@ class Potential(nn.Module):
     def export(self) -> dict:
         """What :func:`almd.potentials.save` needs to rebuild this model."""
         raise NotImplementedError
+
+    # ---- backbone knowledge: what higher layers need to know of a backbone, answered here
+    def readout(self):
+        """The trunk / linear-readout split that ensemble heads stand on
+        (:class:`almd.uncertainty.readout.Readout`).
+        """
+        raise NotImplementedError(f"ensemble heads exist for backbones sevennet, mace; got {self.backbone_name!r} "
+                                  f"({type(self).__name__})")
+
+    def add_energy_shifts(self, shifts: dict[int, float]) -> None:
+        """Add s_Z (eV) to the per-element energy of each atomic number Z (in place; saved with the model)."""
+        raise NotImplementedError(f"{type(self).__name__}: no per-element energy to shift")
+
+    def layer_group(self, name: str) -> str:
+        """The layer group (``embedding``, ``block0``…``blockK``, ``readout``) of parameter ``name``."""
+        return "embedding"
+
+    def layer_groups(self) -> dict[str, list[str]]:
+        """Parameter names by layer group (see :meth:`layer_group`)."""
+        groups: dict[str, list[str]] = {}
+        for name, _ in self.named_parameters():
+            groups.setdefault(self.layer_group(name), []).append(name)
+        return groups
+
+
+def _top_module(name: str) -> tuple[str, list[str]]:
+    """The backbone's own top-level module of parameter ``name`` and all name parts."""
+    parts = name.split(".")
+    return (parts[1] if parts[0] == "model" and len(parts) > 1 else parts[0]), parts

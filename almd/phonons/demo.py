@@ -22,21 +22,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="sevennet-0", help="model name or file (default: sevennet-0)")
     args = parser.parse_args(argv)
 
-    import almd
+    from importlib.metadata import version
+
     from almd.phonons import load_reference, phonons, phonons_vs_reference
     from almd.phonons.plot import plot_bands
 
     args.out.mkdir(parents=True, exist_ok=True)
-    calc = almd.Calculator(args.model)
+    from almd.potentials.calculator import Calculator
+
+    calc = Calculator(args.model)
     reference = load_reference(SI_PBE)
-    print(f"almd {almd.__version__}: {args.model} vs VASP PBE silicon ({SI_PBE.name}, "
+    print(f"almd {version('almd')}: {args.model} vs VASP PBE silicon ({SI_PBE.name}, "
           f"{len(reference.phonopy.supercell)}-atom supercell)")
 
     t0 = time.perf_counter()
     model, dft, errors = phonons_vs_reference(reference, calc)
     t_fd = time.perf_counter() - t0
     t0 = time.perf_counter()
-    exact = phonons(reference.atoms, almd.Calculator(args.model, dtype="float64"),
+    exact = phonons(reference.atoms, Calculator(args.model, dtype="float64"),
                     supercell=reference.supercell_matrix, method="hvp", mesh=dft.mesh)
     t_hessian = time.perf_counter() - t0
 

@@ -27,13 +27,14 @@ from typing import Any
 
 from ase import Atoms
 
-from almd.config import CampaignConfig
+from almd.campaign.config import CampaignConfig
 
 
 def finetune_config(config: CampaignConfig, backbone: str, workdir: Path, seed: int):
     """The :class:`~almd.finetune.FinetuneConfig` of one round: ``finetune.config``'s settings (or the
     defaults) with the campaign's backbone, steps, strategy, lr and seed; its data files for labels
-    are dropped (the campaign gives its own), its phonon / third-order / replay sets kept."""
+    are dropped (the campaign gives its own), its phonon / third-order / replay sets kept.
+    """
     from almd.finetune.config import FinetuneConfig
 
     ft = config.finetune
@@ -66,11 +67,12 @@ def learnt_labels(database, ensemble) -> tuple[list[Atoms], list[Atoms]]:
 def finetune_round(config: CampaignConfig, database, ensemble, backbone: str, version: int,
                    output: Path) -> tuple[Path, Any, dict[str, Any]]:
     """Fine-tune ``backbone`` on the campaign's labels; returns the model file, the ensemble rebuilt on it
-    (fitted and calibrated) and a record of the round (for ``campaign.json``)."""
-    from almd.ensemble import Ensemble
-    from almd.ensemble.calibration import Calibration
+    (fitted and calibrated) and a record of the round (for ``campaign.json``).
+    """
     from almd.finetune import Finetuner
     from almd.finetune.data import load_phonon
+    from almd.uncertainty import Ensemble
+    from almd.uncertainty.calibration import Calibration
 
     t0 = time.perf_counter()
     train, held = learnt_labels(database, ensemble)

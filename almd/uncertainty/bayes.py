@@ -13,7 +13,7 @@ Speed: hiphive's ``ForceConstantModel.get_fit_matrix`` costs ~60 ms (after a
 per-eigentensor force constants of one ideal supercell once into sparse
 matrices; a design block is then one or two sparse products (~4 ms), equal to
 hiphive's fit matrix to round-off (tested). Convergence from sub-blocks of
-larger-supercell MD (no new DFT): :mod:`almd.bayes_convergence`.
+larger-supercell MD (no new DFT): :mod:`almd.uncertainty.bayes_convergence`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import numpy as np
 import scipy.sparse as sp
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
+
+from almd.structures import minimum_image
 
 __all__ = ["BayesianForceConstantModel", "BayesianCalculator", "EvidenceFit",
            "evidence_ridge", "displacements"]
@@ -51,7 +53,8 @@ def _quiet_hiphive() -> Iterator[None]:
 class EvidenceFit:
     """Posterior of the evidence-maximised ridge: ``alpha`` is the prior (weight)
     precision, ``beta`` the noise precision in (eV/Å)^-2 (scikit-learn's
-    ``lambda_`` and ``alpha_`` respectively)."""
+    ``lambda_`` and ``alpha_`` respectively).
+    """
 
     mean: np.ndarray  #: posterior mean m (P,)
     cov: np.ndarray  #: posterior covariance S (P, P)
@@ -109,14 +112,11 @@ def evidence_ridge(phi: np.ndarray, y: np.ndarray, tol: float = 0.01, max_iter: 
 # ---------------------------------------------------------------- geometry
 def displacements(atoms: Atoms, ideal: Atoms) -> np.ndarray:
     """Displacements (Å) of ``atoms`` from ``ideal`` under the minimum image,
-    so MD frames whose atoms were wrapped across the cell are handled."""
+    so MD frames whose atoms were wrapped across the cell are handled.
+    """
     if len(atoms) != len(ideal):
         raise ValueError(f"{len(atoms)} atoms vs {len(ideal)} in the ideal supercell")
-    cell = np.asarray(ideal.get_cell(), dtype=float)
-    d = atoms.get_positions() - ideal.get_positions()
-    frac = np.linalg.solve(cell.T, d.T).T
-    frac -= np.round(frac)
-    return frac @ cell
+    return minimum_image(atoms.get_positions() - ideal.get_positions(), ideal.get_cell())
 
 
 class _SupercellBasis:
@@ -203,7 +203,8 @@ class _SupercellBasis:
     def fc_array(self, order: int, params: np.ndarray) -> np.ndarray:
         """Force constants of ``order`` for ``params`` in phonopy's layout
         (N,)*order + (3,)*order and this supercell's atom order. (hiphive's
-        ``get_fc_array`` loops over all N^order tuples in Python: seconds for fc3.)"""
+        ``get_fc_array`` loops over all N^order tuples in Python: seconds for fc3.)
+        """
         if order not in self._entries or self.n3**order > 4e8:  # dense array: keep < 3 GB
             raise ValueError(f"no dense fc{order} on {self.n3 // 3} atoms (orders {sorted(self._entries)})")
         coef = self.cvs @ np.asarray(params, dtype=float)  # eigentensor coefficients
@@ -232,7 +233,8 @@ def _same_supercell(a: Atoms, b: Atoms) -> bool:
 
 def _as_ase(supercell: Any) -> Atoms:
     """ASE Atoms from ASE Atoms, PhonopyAtoms or a Phonopy/Phono3py object (its
-    supercell), keeping phonopy's atom order."""
+    supercell), keeping phonopy's atom order.
+    """
     if hasattr(supercell, "supercell") and not isinstance(supercell, Atoms):
         supercell = supercell.supercell
     if isinstance(supercell, Atoms):
@@ -312,7 +314,8 @@ class BayesianForceConstantModel:
     def _basis(self, ideal: Atoms | None, atoms: Atoms | None = None) -> _SupercellBasis:
         """The basis of ``ideal`` (built once); without it, the registered supercell
         of the same size and cell closest to ``atoms`` (ours and phonopy's ordering
-        of one supercell share size and cell; the wrong one gives Å displacements)."""
+        of one supercell share size and cell; the wrong one gives Å displacements).
+        """
         if ideal is None:
             if atoms is None:
                 if self._default is None:
@@ -343,7 +346,8 @@ class BayesianForceConstantModel:
     # ------------------------------------------------------------ training
     def fit(self, structures: Sequence[Atoms], ideal: Atoms | None = None) -> "BayesianForceConstantModel":
         """Replace the training set by ``structures`` (displaced supercells with
-        forces, from a calculator or a ``forces`` array) and fit."""
+        forces, from a calculator or a ``forces`` array) and fit.
+        """
         self._phi, self._y, self._structures = [], [], []
         return self.add(structures, ideal, refit=True)
 
@@ -376,8 +380,9 @@ class BayesianForceConstantModel:
         return np.vstack(self._phi), np.concatenate(self._y)
 
     def structure_container(self) -> Any:
-        """hiphive StructureContainer of the training set (slow: hiphive builds its
-        own fit matrices; for interoperability and cross-checks)."""
+        """Hiphive StructureContainer of the training set (slow: hiphive builds its
+        own fit matrices; for interoperability and cross-checks).
+        """
         from hiphive import StructureContainer
 
         with _quiet_hiphive():
@@ -392,7 +397,8 @@ class BayesianForceConstantModel:
     # ------------------------------------------------------------ prediction
     def evaluate(self, atoms: Atoms, ideal: Atoms | None = None) -> tuple[np.ndarray, np.ndarray, float]:
         """Posterior mean forces (N, 3), std of each force component (N, 3), both eV/Å,
-        and energy (eV, relative to the ideal supercell), from one design block."""
+        and energy (eV, relative to the ideal supercell), from one design block.
+        """
         fit = self._require_fit()
         b = self._basis(ideal, atoms)
         u = displacements(atoms, b.ideal)
@@ -424,12 +430,14 @@ class BayesianForceConstantModel:
 
     def score(self, atoms: Atoms, ideal: Atoms | None = None) -> float:
         """Uncertainty score for the trigger: the largest posterior std of a force
-        component, eV/Å (plus noise if ``include_noise``)."""
+        component, eV/Å (plus noise if ``include_noise``).
+        """
         return float(self.evaluate(atoms, ideal)[1].max())
 
     def anharmonicity(self, frames: Sequence[Atoms], ideal: Atoms | None = None) -> float:
         """σᴬ = √(Σ|F − F_harm|² / Σ|F|²) over labelled ``frames`` (Callsen et al.),
-        with F_harm from the fitted second-order force constants alone."""
+        with F_harm from the fitted second-order force constants alone.
+        """
         num = den = 0.0
         for atoms in frames:
             b = self._basis(ideal, atoms)
@@ -440,19 +448,19 @@ class BayesianForceConstantModel:
 
     # ------------------------------------------------------------ export
     def potential(self) -> Any:
-        """hiphive ForceConstantPotential with the posterior-mean parameters."""
+        """Hiphive ForceConstantPotential with the posterior-mean parameters."""
         from hiphive import ForceConstantPotential
 
         with _quiet_hiphive():
             return ForceConstantPotential(self.cs, self.parameters)
 
     def force_constants(self, supercell: Any) -> Any:
-        """hiphive SortedForceConstants on ``supercell`` (Atoms, PhonopyAtoms, Phonopy)."""
+        """Hiphive SortedForceConstants on ``supercell`` (Atoms, PhonopyAtoms, Phonopy)."""
         with _quiet_hiphive():
             return self.potential().get_force_constants(_as_ase(supercell))
 
     def calculator(self, supercell: Atoms) -> Calculator:
-        """hiphive's ForceConstantCalculator (ASE) for fast MD around ``supercell``."""
+        """Hiphive's ForceConstantCalculator (ASE) for fast MD around ``supercell``."""
         from hiphive.calculators import ForceConstantCalculator
 
         return ForceConstantCalculator(self.force_constants(supercell))
@@ -460,17 +468,20 @@ class BayesianForceConstantModel:
     def fc2(self, supercell: Any) -> np.ndarray:
         """fc2 (n, n, 3, 3) in eV/Å² for ``phonon.force_constants``. Pass phonopy's
         own supercell (or the Phonopy object): another atom order gives silently
-        wrong frequencies."""
+        wrong frequencies.
+        """
         return self.fc_array(2, supercell)
 
     def fc3(self, supercell: Any) -> np.ndarray:
         """fc3 (n, n, n, 3, 3, 3) in eV/Å³ for ``ph3.fc3`` (full format), on
-        phono3py's own supercell."""
+        phono3py's own supercell.
+        """
         return self.fc_array(3, supercell)
 
     def fc_array(self, order: int, supercell: Any) -> np.ndarray:
         """Force constants of any order in phonopy's full layout on ``supercell``
-        (ASE Atoms, PhonopyAtoms, or a Phonopy/Phono3py object's supercell)."""
+        (ASE Atoms, PhonopyAtoms, or a Phonopy/Phono3py object's supercell).
+        """
         fit = self._require_fit()
         return self._basis(_as_ase(supercell)).fc_array(order, fit.mean)
 
@@ -478,7 +489,8 @@ class BayesianForceConstantModel:
 class BayesianCalculator(Calculator):
     """ASE calculator of the posterior mean; ``results['force_std']`` (N, 3) and
     ``results['uncertainty']`` (the trigger score, eV/Å) come with every force
-    evaluation at no extra cost. A refit of the model invalidates cached results."""
+    evaluation at no extra cost. A refit of the model invalidates cached results.
+    """
 
     implemented_properties = ["energy", "forces", "force_std", "uncertainty"]
 

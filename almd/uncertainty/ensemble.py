@@ -1,7 +1,7 @@
 """K members on one frozen backbone: shared trunk, K linear readout heads.
 
 Member k gives per-atom energies E_ki = W_k[z_i]·h_i + b_k[z_i] on the shared
-trunk features h (see :mod:`almd.ensemble.readout`; SevenNet and MACE
+trunk features h (see :mod:`almd.uncertainty.readout`; SevenNet and MACE
 backbones). One trunk forward serves all members; each member's forces need
 one backward through the trunk (the cotangent on h is W_k[z_i]), so K members
 cost 1 forward + K backwards, and the member *mean* alone costs 1 forward + 1
@@ -48,9 +48,10 @@ import torch
 from ase import Atoms
 
 from almd import potentials
-from almd.ensemble.calibration import Calibration, reduce_atoms
-from almd.ensemble.readout import readout_for
-from almd.potentials import Graph, Potential, build_graph
+from almd.potentials import Graph, Potential, atomic_torch_save, build_graph, register_format
+from almd.potentials.files import backbone_from_export
+from almd.uncertainty.calibration import Calibration, reduce_atoms
+from almd.uncertainty.readout import readout_for
 
 FORMAT = "almd-ensemble-1"
 SCORES = ("max", "mean", "rms")
@@ -69,7 +70,7 @@ class _Design:
 
 
 def _frame_key(atoms: Atoms) -> str:
-    from almd.dataset import structure_hash
+    from almd.structures import structure_hash
 
     if "content_hash" in atoms.info:  # from a LabelDatabase: structure + reference settings
         return str(atoms.info["content_hash"])
@@ -352,7 +353,8 @@ class Ensemble(Potential):
 
     def head_state(self) -> dict:
         """What a refit changes (heads, subspace, calibration): another process with the same
-        backbone predicts identically after :meth:`load_head_state` (design rows stay behind)."""
+        backbone predicts identically after :meth:`load_head_state` (design rows stay behind).
+        """
         return {"weights": self.weights.cpu(), "shifts": self.shifts.cpu(), "directions": self.directions.cpu(),
                 "fit_species": list(self.fit_species), "calibration": self.calibration.state_dict(),
                 "version": self.version}
@@ -365,8 +367,6 @@ class Ensemble(Potential):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Atomic write (temp file, fsync, rename) of everything needed to rebuild and refit."""
-        from almd.potentials import atomic_torch_save
-
         return atomic_torch_save(self.export(), path)
 
     @classmethod
@@ -374,11 +374,7 @@ class Ensemble(Potential):
         payload = torch.load(path, map_location="cpu", weights_only=False)
         if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
             raise ValueError(f"{path}: not an almd ensemble file ({FORMAT})")
-        backbone = payload["backbone"]
-        classes = potentials._backbones()
-        if backbone["backbone"] not in classes:
-            raise ValueError(f"{path}: unknown backbone {backbone['backbone']!r}")
-        ens = cls(classes[backbone["backbone"]].from_export(backbone), **payload["settings"],
+        ens = cls(backbone_from_export(payload["backbone"], str(path)), **payload["settings"],
                   calibration=Calibration.from_state_dict(payload["calibration"]))
         ens.weights, ens.shifts = payload["weights"], payload["shifts"]
         ens.directions = payload["directions"]
@@ -387,3 +383,6 @@ class Ensemble(Potential):
         ens.version = payload["version"]
         ens.calibrated_keys = set(payload["calibrated_keys"])
         return ens
+
+
+register_format(FORMAT, lambda name, payload: Ensemble.load(name))

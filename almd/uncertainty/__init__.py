@@ -6,15 +6,15 @@
 * :class:`Calibration` — scale / isotonic map from raw spreads to errors.
 """
 
-from almd.ensemble.calibration import Calibration, coverage, spearman
-from almd.ensemble.model import Ensemble, frame_score, per_atom_spread
+from almd.uncertainty.calibration import Calibration, coverage, spearman
+from almd.uncertainty.ensemble import Ensemble, frame_score, per_atom_spread
 
 __all__ = ["Calibration", "Ensemble", "EnsembleCalculator", "coverage", "frame_score", "per_atom_spread", "spearman"]
 
 
 def __getattr__(name: str):
     if name == "EnsembleCalculator":
-        from almd.ensemble.calculator import EnsembleCalculator
+        from almd.uncertainty.calculator import EnsembleCalculator
 
         return EnsembleCalculator
-    raise AttributeError(f"module 'almd.ensemble' has no attribute {name!r}")
+    raise AttributeError(f"module 'almd.uncertainty' has no attribute {name!r}")

@@ -239,7 +239,7 @@ class Walker:
 
 
 def _jsonable(obj: Any) -> Any:
-    """numpy bit-generator states hold numpy ints and arrays; JSON wants plain types."""
+    """Numpy bit-generator states hold numpy ints and arrays; JSON wants plain types."""
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, np.ndarray):

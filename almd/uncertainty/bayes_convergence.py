@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 from ase import Atoms
 
-from almd.bayes import BayesianForceConstantModel
+from almd.uncertainty.bayes import BayesianForceConstantModel
 
 __all__ = ["SubblockConvergence", "block_labels", "subblock_convergence",
            "subblock_errors"]

@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from almd.structures import minimum_image
+
 __all__ = ["frame_distance", "select_frames"]
 
 
@@ -48,9 +50,7 @@ def frame_distance(a: Any, b: Any, cell: np.ndarray | None = None) -> float:
     if cell is not None and pbc.any():
         # Minimum image in fractional coordinates (exact for cells that are not
         # too skewed, which is the case for MD supercells).
-        frac = np.linalg.solve(np.asarray(cell, dtype=float).T, d.T).T
-        frac[:, pbc] -= np.round(frac[:, pbc])
-        d = frac @ np.asarray(cell, dtype=float)
+        d = minimum_image(d, cell, pbc)
     d -= d.mean(axis=0)
     return float(np.sqrt((d * d).sum(axis=1).mean()))
 

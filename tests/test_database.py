@@ -13,17 +13,9 @@ from ase.build import bulk
 from ase.units import _amu, _e
 
 from almd.data import SI_PBE as DATA_SI_PBE
-from almd.dataset import (
-    LabelDatabase,
-    assign_split,
-    content_hash,
-    displaced_supercells,
-    hessian_from_force_constants,
-    load_phonon_dataset,
-    phonon_hessian,
-    settings_hash,
-    structure_hash,
-)
+from almd.labels.database import LabelDatabase, assign_split
+from almd.phonons.datasets import displaced_supercells, hessian_from_force_constants, load_phonon_dataset, phonon_hessian
+from almd.structures import content_hash, settings_hash, structure_hash
 
 SI_PBE = DATA_SI_PBE / "phono3py_disp.yaml"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "dft"
@@ -150,8 +142,8 @@ def test_crash_during_a_write_loses_only_that_write(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_dataset import labelled
-        from almd.dataset import LabelDatabase
+        from test_database import labelled
+        from almd.labels.database import LabelDatabase
         db = LabelDatabase({str(path)!r})
         for s in range(3):
             atoms, lab = labelled(s)
@@ -254,7 +246,7 @@ def test_hessian_layout_from_force_constants():
 
 
 def test_import_phonon_dataset_into_database(tmp_path, monkeypatch, si_frames, si_hessian):
-    import almd.dataset as ds
+    import almd.labels.database as ds
 
     # reuse the module-scoped loads: this test is about storage, not parsing
     monkeypatch.setattr(ds, "displaced_supercells", lambda path: si_frames)
@@ -275,7 +267,8 @@ def test_import_phonon_dataset_into_database(tmp_path, monkeypatch, si_frames, s
 @pytest.mark.skipif(not SHARED.exists(), reason="needs ../shared/data/dft (not distributed)")
 def test_shared_phonopy_and_nacl_sets():
     """Chalcogenide (phonopy, one-atom displacements) and NaCl (phono3py, random
-    displacements through symfc) give symmetric Hessians obeying the sum rule."""
+    displacements through symfc) give symmetric Hessians obeying the sum rule.
+    """
     nacl = load_phonon_dataset(SHARED / "nacl-rd" / "phono3py_params_NaCl.yaml.xz")  # ~10 s: load once
     for dataset in (SHARED / "chalcogenides-pbe" / "mp-1000.phonopy.yaml.xz", nacl):
         supercell, h = phonon_hessian(dataset)

@@ -18,8 +18,8 @@ import os
 import re
 import signal
 import sys
-import time
 import threading
+import time
 import traceback
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -31,16 +31,17 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from almd.dataset import LabelDatabase, content_hash, settings_hash
+from almd.labels.database import LabelDatabase
 from almd.references import (
     PRESETS,
     PSEUDO_DIR,
     OracleConfigError,
-    check_pw_x,
     available_pseudopotentials,
     build_calculator,
+    check_pw_x,
     resolve_spec,
 )
+from almd.structures import bare, content_hash, settings_hash
 
 # The reference presets are re-exported: a user configures the oracle in one place.
 __all__ = ["PRESETS", "PSEUDO_DIR", "LabelResult", "Oracle", "OracleConfigError",
@@ -53,7 +54,8 @@ __all__ = ["PRESETS", "PSEUDO_DIR", "LabelResult", "Oracle", "OracleConfigError"
 class LabelResult:
     """Outcome of one labelling request. ``status`` is 'ok' or 'failed'; a failed
     result carries ``error`` (text) and ``error_kind`` (exception, scf, timeout,
-    nonfinite, crashed). Energies eV, forces eV/Å, stress Voigt eV/Å³."""
+    nonfinite, crashed). Energies eV, forces eV/Å, stress Voigt eV/Å³.
+    """
 
     status: str
     energy: float | None = None
@@ -87,7 +89,7 @@ class LabelResult:
 
 # Imported once in the forkserver so each forked worker starts warm (matscipy pulls
 # in scipy.stats: ~1-2 s per cold start). Not gpaw: forking after its MPI set-up is unsafe.
-_PRELOAD = ["almd.oracle", "ase.io", "ase.db", "ase.calculators.emt", "scipy.stats",
+_PRELOAD = ["almd.labels.oracle", "ase.io", "ase.db", "ase.calculators.emt", "scipy.stats",
             "matscipy.calculators.manybody"]
 
 
@@ -158,7 +160,8 @@ _MPI_LAUNCHER_VARS = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCALRANKID", "MP
 def _outside_mpi() -> Iterator[None]:
     """Start workers without the MPI launcher's environment. Under ``mpiexec`` a worker
     that inherits it sees itself as an MPI rank: anything that initialises MPI there
-    (ASE's parallel helpers, a DFT code) would talk to the launcher on the rank's behalf."""
+    (ASE's parallel helpers, a DFT code) would talk to the launcher on the rank's behalf.
+    """
     _ENV_LOCK.acquire()  # os.environ is process-wide; label_many starts workers from threads
     saved = {k: v for k, v in os.environ.items() if k.startswith(_MPI_LAUNCHER_VARS)}
     for k in saved:
@@ -172,7 +175,8 @@ def _outside_mpi() -> Iterator[None]:
 
 def _context(main: bool = False) -> Any:
     """Forkserver where available (fast, no inherited state), else spawn. Spawn
-    also when the calculator lives in the user's script: it re-imports __main__."""
+    also when the calculator lives in the user's script: it re-imports __main__.
+    """
     if main or "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
@@ -236,8 +240,7 @@ class Oracle:
         ctx = _context(main=self.spec_name.startswith("__main__:"))
         parent, child = ctx.Pipe(duplex=False)
         workdir = str((self.workdir / key).resolve())
-        clean = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc,
-                      magmoms=atoms.get_initial_magnetic_moments())
+        clean = bare(atoms, magmoms=True)
         args = (child, (self.spec_name, self.kwargs), clean, workdir, list(sys.path), self.threads)
         proc = ctx.Process(target=_worker, args=args, daemon=True)
         with _outside_mpi():
@@ -290,7 +293,8 @@ class Oracle:
     def label(self, atoms: Atoms, **provenance: Any) -> LabelResult:
         """Label one structure. Never raises for a failed calculation: the result
         says 'failed' and, with a database, a failed row is stored. ``provenance``
-        (walker, step, model_version, uncertainty) goes into the database row."""
+        (walker, step, model_version, uncertainty) goes into the database row.
+        """
         return self.label_many([atoms], provenance=[provenance])[0]
 
     def label_many(self, frames: list[Atoms], *, max_workers: int = 1,

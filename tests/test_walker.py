@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from ase.build import bulk
 
-from almd.md import Walker, WalkerError, WalkerSettings, WalkerState
+from almd.campaign.walker import Walker, WalkerError, WalkerSettings, WalkerState
 from almd.phonons import stillinger_weber_si
 
 
@@ -16,7 +16,8 @@ def si64():
 
 def test_langevin_holds_its_temperature():
     """64 SW Si atoms, Langevin at 900 K: the mean kinetic temperature after equilibration is 900 K
-    within the statistical error (σ_T/T = sqrt(2/3N) ≈ 10 % per frame, frames correlated)."""
+    within the statistical error (σ_T/T = sqrt(2/3N) ≈ 10 % per frame, frames correlated).
+    """
     w = Walker(si64(), stillinger_weber_si(), WalkerSettings(temperature=900, friction=0.02, seed=3, keep=10))
     temps = [r.temperature for r in w.run(500)]
     mean = float(np.mean(temps[150:]))
@@ -48,7 +49,8 @@ def test_restart_from_json_is_bit_for_bit(tmp_path):
 
 def test_restart_with_sevennet_is_bit_for_bit(sevennet32):
     """The neural potential too: the neighbour cache's canonical graph makes forces independent of
-    when the list was last built (and deterministic kernels, as the campaign sets them)."""
+    when the list was last built (and deterministic kernels, as the campaign sets them).
+    """
     import torch
 
     torch.use_deterministic_algorithms(True, warn_only=True)

@@ -18,7 +18,7 @@ Criteria (Callsen et al. 2026, methods.md §3; VASP ML_CTIFOR / ML_ICRITERIA):
 Convergence: ``converge_windows`` consecutive call-free windows with the
 trajectory-averaged error below ``target``; with ``subblock_target`` set (the
 lattice-dynamics model), also the sub-block Bayesian error of a larger supercell
-(:func:`almd.bayes_convergence.subblock_convergence`), recorded with
+(:func:`almd.uncertainty.bayes_convergence.subblock_convergence`), recorded with
 :meth:`Trigger.record_subblock_error` after the last call, below that target.
 
 Calls are never closer than ``min_spacing`` steps, except for the brake.
@@ -50,7 +50,8 @@ _STATE_VERSION = 2  # 2: sub-block error; version-1 states still load
 class TriggerSettings:
     """Typed, validated settings of :class:`Trigger`. Forces in eV/Å, times in MD steps.
 
-    Attributes:
+    Attributes
+    ----------
         window: length of the rolling window (steps) that defines the
             trajectory-averaged error and the blocks of the convergence test.
         rel_factor: c in "score > c × rolling mean" (dimensionless, > 1).
@@ -254,7 +255,8 @@ class Trigger:
     def converged(self) -> bool:
         """True after ``converge_windows`` call-free windows below ``target`` and,
         with ``subblock_target`` set, a sub-block error below it recorded since the
-        last call."""
+        last call.
+        """
         s = self.settings
         if s.target is None or self._good_blocks < s.converge_windows:
             return False
@@ -263,7 +265,8 @@ class Trigger:
     @property
     def subblock_error(self) -> float:
         """The sub-block error (eV/Å) recorded for the current model; nan if none
-        was recorded since the last call."""
+        was recorded since the last call.
+        """
         if self._subblock is None or self._subblock[1] != self.n_calls:
             return math.nan
         return self._subblock[0]
@@ -272,7 +275,8 @@ class Trigger:
         """Record the sub-block Bayesian error (eV/Å) of the current model on
         larger-supercell MD frames, e.g. ``subblock_convergence(...).value``.
         Returns whether it is below ``subblock_target`` (False if that is None).
-        A later call (label or brake) makes the record stale."""
+        A later call (label or brake) makes the record stale.
+        """
         error = float(error)
         if not error >= 0:  # also rejects nan
             raise ValueError(f"sub-block error {error!r}: must be a force >= 0 in eV/Å")
@@ -351,7 +355,8 @@ class Trigger:
     def _rollback(self, to: int | None) -> None:
         """Forget the abandoned branch: the walker re-runs the steps after ``to``
         (with the refitted model), so their old scores must not stay in the
-        history, and their step numbers must be accepted again."""
+        history, and their step numbers must be accepted again.
+        """
         for scores, steps in ((self._window, self._wsteps), (self._adapt, self._asteps)):
             while steps and (to is None or steps[-1] > to):
                 steps.pop()

@@ -22,9 +22,9 @@ from ase.calculators.calculator import Calculator as AseCalculatorBase
 from ase.calculators.calculator import all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from almd.calculator import Calculator
-from almd.ensemble.model import Ensemble, frame_score, per_atom_spread
 from almd.potentials import build_graph
+from almd.potentials.calculator import Calculator
+from almd.uncertainty.ensemble import Ensemble, frame_score, per_atom_spread
 
 
 class EnsembleCalculator(Calculator):

@@ -1,16 +1,16 @@
 """The active-learning loop: walkers → uncertainty → trigger → oracle → dataset → ensemble → walkers.
 
 A :class:`Campaign` runs MD walkers on the ensemble's member mean; each step's
-per-frame uncertainty goes to that walker's :class:`~almd.trigger.Trigger`.
+per-frame uncertainty goes to that walker's :class:`~almd.campaign.trigger.Trigger`.
 When the trigger calls, the walker's recent frames are ranked and
-de-duplicated (:func:`~almd.selection.select_frames`), labelled by the
-:class:`~almd.oracle.Oracle` into the campaign's
-:class:`~almd.dataset.LabelDatabase`, and the ensemble's heads are refitted on
+de-duplicated (:func:`~almd.campaign.selection.select_frames`), labelled by the
+:class:`~almd.labels.oracle.Oracle` into the campaign's
+:class:`~almd.labels.database.LabelDatabase`, and the ensemble's heads are refitted on
 the training split and recalibrated on the held-out split; MD then goes on
 with the new model. An emergency brake rolls the walker back to its last
 trusted frame and labels the offending frame at once. Every ``finetune.every``
 new training labels the backbone itself is fine-tuned on them and the ensemble
-rebuilt on it (:mod:`almd.campaign_finetune`).
+rebuilt on it (:mod:`almd.campaign.finetune_round`).
 
 Everything lives in ``run.output``: ``labels.db`` (every reference
 calculation, as soon as it finishes), ``ensemble.pt``, ``models/backbone-vN.pt``
@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from almd.config import CampaignConfig
+from almd.campaign.config import CampaignConfig
+from almd.campaign.selection import select_frames
+from almd.campaign.trigger import Decision, Trigger
+from almd.campaign.walker import Frame, StepRecord, Walker
 from almd.io import atomic_write
-from almd.md import Frame, StepRecord, Walker
-from almd.selection import select_frames
-from almd.trigger import Decision, Trigger
+from almd.structures import bare
 
 STEP_FIELDS = ("walker", "step", "energy", "temperature", "max_force", "score", "action", "reasons",
                "rolling_mean", "labels", "model_version")
@@ -97,7 +98,7 @@ class LabelRequest:
 class Campaign:
     """An on-the-fly learning MD campaign (see module docstring).
 
-    ``comm``: an MPI communicator (default: :func:`almd.parallel.world`). Walkers
+    ``comm``: an MPI communicator (default: :func:`almd.campaign.parallel.world`). Walkers
     are spread over the ranks and advance in lockstep, one step each per round;
     rank 0 then serves the rounds's label requests in walker order, refits, and
     sends the new heads to every rank. A serial run takes the same path with
@@ -107,7 +108,7 @@ class Campaign:
     def __init__(self, config: CampaignConfig, comm: Any = None):
         import torch
 
-        from almd.parallel import owned, world
+        from almd.campaign.parallel import owned, world
 
         # With several threads torch's CPU scatter-adds sum in a varying order (last-bit
         # noise); deterministic kernels cost nothing measurable here and make restarts exact.
@@ -119,8 +120,8 @@ class Campaign:
         self.start = starting_structure(cfg)
         state = None
         if self.root:
-            from almd.dataset import LabelDatabase
-            from almd.oracle import Oracle
+            from almd.labels.database import LabelDatabase
+            from almd.labels.oracle import Oracle
 
             self.output.mkdir(parents=True, exist_ok=True)
             self.database = LabelDatabase(self.output / "labels.db", cfg.learning.validation_fraction)
@@ -151,7 +152,7 @@ class Campaign:
             return {}
         state = json.loads(path.read_text())
         if _resumable(state.get("config", {})) != _resumable(self.config.to_dict()):
-            from almd.config import ConfigError
+            from almd.settings import ConfigError
 
             raise ConfigError(f"{self.output} holds a campaign with other settings; "
                               "use a new run.output or the same campaign file to resume")
@@ -159,7 +160,7 @@ class Campaign:
 
     def _ensemble(self):
         """Rank 0 loads or builds (initial labels, first fit) the ensemble; the others get its heads."""
-        from almd.ensemble import Ensemble
+        from almd.uncertainty import Ensemble
 
         le = self.config.learning
         path = self.output / "ensemble.pt"
@@ -195,13 +196,13 @@ class Campaign:
 
     def _unfitted_ensemble(self):
         """The campaign's ensemble on its current backbone, heads not yet fitted or loaded."""
-        from almd.ensemble import Ensemble
+        from almd.uncertainty import Ensemble
 
         m = self.config.model
         return Ensemble(self.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
 
     def _calculator(self):
-        from almd.ensemble import EnsembleCalculator
+        from almd.uncertainty import EnsembleCalculator
 
         m = self.config.model
         return EnsembleCalculator(self.ensemble, uncertainty_every=m.uncertainty_every, dtype=m.dtype)
@@ -225,7 +226,8 @@ class Campaign:
     def _label(self, frames: list[Atoms], walker: int, step: int, reason: str,
                scores: list[float | None] | None = None, splits: list[str] | None = None) -> list[Atoms]:
         """Reference calculations for ``frames``, every outcome stored; returns the successful ones as
-        stored (labels, ``info['split']``). A label already in the database is read back, not recomputed."""
+        stored (labels, ``info['split']``). A label already in the database is read back, not recomputed.
+        """
         scores = scores or [None] * len(frames)
         splits = splits or [None] * len(frames)
         provenance = [{"walker": walker, "step": step, "source": reason, "model_version": self.model_version,
@@ -252,7 +254,8 @@ class Campaign:
 
     def _serve(self, requests: list[LabelRequest]) -> bool:
         """Label each request in walker order and refit after each, then fine-tune if it is time;
-        True if the model changed."""
+        True if the model changed.
+        """
         changed = False
         for req in sorted(requests, key=lambda r: r.walker):
             labelled = self._label(req.frames, req.walker, req.step, req.reason, req.scores)
@@ -266,7 +269,7 @@ class Campaign:
 
     def _finetune(self) -> None:
         """A fine-tune round (rank 0): new backbone file, ensemble rebuilt on it, walkers switched to it."""
-        from almd.campaign_finetune import finetune_round
+        from almd.campaign.finetune_round import finetune_round
 
         self.model_version += 1
         path, ensemble, record = finetune_round(self.config, self.database, self.ensemble, self.backbone,
@@ -293,7 +296,7 @@ class Campaign:
                                    self.config.learning.frames_per_call, self.config.learning.min_distance)
             frames, scores = [recent[i].atoms for i in picked], [recent[i].score for i in picked]
             reason = ",".join(decision.reasons)
-        frames = [Atoms(a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc) for a in frames]
+        frames = [bare(a) for a in frames]
         return LabelRequest(k, decision.step, reason, frames, scores, brake_frame is not None)
 
     def step(self, k: int) -> tuple[StepRecord, Decision, LabelRequest | None]:
@@ -443,7 +446,8 @@ def _resumable(config: dict[str, Any]) -> dict[str, Any]:
 
 def _restart_uncertainty(walker: Walker) -> None:
     """Forget cached results and align the calculator's uncertainty schedule with the walker's step,
-    so the spread is evaluated at the same steps whether or not the run was interrupted."""
+    so the spread is evaluated at the same steps whether or not the run was interrupted.
+    """
     calc = walker.calculator
     if hasattr(calc, "align_schedule"):
         calc.align_schedule(walker.step)
@@ -465,32 +469,3 @@ def run(config: CampaignConfig | str | Path) -> CampaignResult:
     if not isinstance(config, CampaignConfig):
         config = CampaignConfig.from_toml(config)
     return Campaign(config).run()
-
-
-def main(argv: list[str]) -> int:
-    """Entry point of ``almd run``."""
-    import argparse
-    import dataclasses
-
-    from almd.config import ConfigError
-    from almd.potentials import UnknownElementError
-
-    p = argparse.ArgumentParser(prog="almd run", description="Run or resume an active-learning MD campaign. "
-                                "Without a file: the built-in Si campaign (SevenNet-0 ensemble, Stillinger–Weber reference).")
-    p.add_argument("campaign", nargs="?", help="campaign TOML ([system] [model] [reference] [md] [trigger] [learning] [run] [finetune])")
-    p.add_argument("--steps", type=int, help="override run.steps")
-    p.add_argument("--output", help="override run.output")
-    args = p.parse_args(argv)
-    try:
-        cfg = CampaignConfig.from_toml(args.campaign) if args.campaign else CampaignConfig()
-        overrides = {k: v for k, v in (("steps", args.steps), ("output", args.output)) if v is not None}
-        if overrides:
-            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
-            cfg.validate()
-        result = Campaign(cfg).run()
-    except (ConfigError, UnknownElementError, FileNotFoundError) as exc:
-        print(f"almd run: error: {exc}")
-        return 2
-    if result is not None:  # rank 0 reports
-        print(json.dumps(result.summary(), indent=1))
-    return 0

@@ -1,0 +1,43 @@
+"""``almd run``: the campaign from a TOML file (or the built-in one), a thin layer over :class:`Campaign`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from almd.campaign.config import CampaignConfig
+from almd.campaign.loop import Campaign
+
+__all__ = ["main"]
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``almd run``."""
+    from almd.potentials import UnknownElementError
+    from almd.settings import ConfigError
+
+    p = argparse.ArgumentParser(prog="almd run", description="Run or resume an active-learning MD campaign. "
+                                "Without a file: the built-in Si campaign (SevenNet-0 ensemble, Stillinger–Weber reference).")
+    p.add_argument("campaign", nargs="?", help="campaign TOML ([system] [model] [reference] [md] [trigger] [learning] [run] [finetune])")
+    p.add_argument("--steps", type=int, help="override run.steps")
+    p.add_argument("--output", help="override run.output")
+    args = p.parse_args(argv)
+    try:
+        cfg = CampaignConfig.from_toml(args.campaign) if args.campaign else CampaignConfig()
+        overrides = {k: v for k, v in (("steps", args.steps), ("output", args.output)) if v is not None}
+        if overrides:
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
+            cfg.validate()
+        result = Campaign(cfg).run()
+    except (ConfigError, UnknownElementError, FileNotFoundError) as exc:
+        print(f"almd run: error: {exc}")
+        return 2
+    if result is not None:  # rank 0 reports
+        print(json.dumps(result.summary(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
