@@ -19,6 +19,7 @@ from ase.build import bulk
 from ase.units import GPa
 
 from almd.labels.database import LabelDatabase
+from almd.labels.labeller import Labeller
 from almd.labels.oracle import Oracle, OracleConfigError
 
 # small settings so that the example finishes in about a minute; raise them for science
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             print("skipping espresso-pw: pw.x not found (apt-get install quantum-espresso)")
             continue
         try:
-            oracle = Oracle(name, timeout=args.timeout, retries=1, database=db, **options)
+            oracle = Labeller(Oracle(name, timeout=args.timeout, retries=1, **options), db)
         except OracleConfigError as err:  # e.g. a code that is not installed
             print(f"skipping {name}: {err}")
             continue

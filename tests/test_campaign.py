@@ -39,7 +39,7 @@ def test_campaign_learns_and_a_killed_run_resumes_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(a, b)
     assert rows(tmp_path / "a") == rows(tmp_path / "b")
     assert result.labels == straight.labels  # nothing labelled twice
-    assert resumed.oracle.calls == straight.labels - labels_before  # nothing recomputed
+    assert resumed.labeller.calls == straight.labels - labels_before  # nothing recomputed
 
 
 def test_bad_campaign_settings_name_the_key(tmp_path):

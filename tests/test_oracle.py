@@ -17,6 +17,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.units import _amu, _e
 
 from almd.labels.database import LabelDatabase
+from almd.labels.labeller import Labeller
 from almd.labels.oracle import (
     PRESETS,
     LabelResult,
@@ -152,7 +153,7 @@ def test_sw_forces_are_minus_energy_gradient(sw_oracle):
 def test_second_call_is_served_from_cache(tmp_path):
     log = tmp_path / "calls.log"
     db_path = tmp_path / "labels.db"
-    oracle = Oracle(spec(CountingSW), log=str(log), retries=0, workdir=tmp_path, database=db_path)
+    oracle = Labeller(Oracle(spec(CountingSW), log=str(log), retries=0, workdir=tmp_path), db_path)
     atoms = si8()
     first = oracle.label(atoms)
     second = oracle.label(atoms.copy())
@@ -161,7 +162,7 @@ def test_second_call_is_served_from_cache(tmp_path):
     assert len(log.read_text().split()) == 1 and oracle.calls == 1
 
     # a new oracle (new process, say after a restart) finds the label in the database
-    again = Oracle(spec(CountingSW), log=str(log), retries=0, workdir=tmp_path, database=db_path)
+    again = Labeller(Oracle(spec(CountingSW), log=str(log), retries=0, workdir=tmp_path), db_path)
     third = again.label(atoms)
     assert third.cached and again.calls == 0
     np.testing.assert_allclose(third.forces, first.forces)
@@ -179,7 +180,7 @@ def test_label_many_in_parallel_matches_serial(tmp_path):
     frames = [si8(seed=s) for s in range(4)]
     frames.append(frames[1].copy())  # duplicate: computed once
     db = LabelDatabase(tmp_path / "l.db")
-    oracle = Oracle("stillinger-weber-si", retries=0, workdir=tmp_path / "runs", database=db)
+    oracle = Labeller(Oracle("stillinger-weber-si", retries=0, workdir=tmp_path / "runs"), db)
     oracle.label(frames[0])  # already known -> cache hit inside the batch
     results = oracle.label_many(frames, max_workers=2,
                                 provenance=[{"walker": i, "step": 7} for i in range(5)])
@@ -219,10 +220,10 @@ def test_fault_is_recorded_and_next_call_works(tmp_path, fault):
     if cls is HangingCalculator:
         kwargs = {"pidfile": str(tmp_path / "child.pid")}
     db = LabelDatabase(tmp_path / "labels.db")
-    good = Oracle("stillinger-weber-si", retries=0, workdir=tmp_path, database=db)
+    good = Labeller(Oracle("stillinger-weber-si", retries=0, workdir=tmp_path), db)
     before = good.label(si8(seed=1))
 
-    bad = Oracle(spec(cls), timeout=2.0, retries=0, workdir=tmp_path, database=db, **kwargs)
+    bad = Labeller(Oracle(spec(cls), timeout=2.0, retries=0, workdir=tmp_path, **kwargs), db)
     t0 = time.perf_counter()
     result = bad.label(si8(seed=2), walker=4, step=120)
     elapsed = time.perf_counter() - t0
@@ -247,7 +248,7 @@ def test_fault_is_recorded_and_next_call_works(tmp_path, fault):
 
 
 def test_failed_result_is_not_cached(tmp_path):
-    oracle = Oracle(spec(RaisingCalculator), retries=0, workdir=tmp_path, database=tmp_path / "l.db")
+    oracle = Labeller(Oracle(spec(RaisingCalculator), retries=0, workdir=tmp_path), tmp_path / "l.db")
     atoms = si8()
     assert not oracle.label(atoms).ok
     assert not oracle.label(atoms).ok and oracle.calls == 2  # a failure is retried later, not remembered
@@ -335,8 +336,7 @@ def _si2_displaced() -> Atoms:
 @pytest.mark.slow
 def test_gpaw_single_point(tmp_path):
     pytest.importorskip("gpaw")
-    oracle = Oracle("gpaw-pw", ecut=200, kpt_density=1.5, timeout=600, workdir=tmp_path,
-                    database=tmp_path / "dft.db")
+    oracle = Labeller(Oracle("gpaw-pw", ecut=200, kpt_density=1.5, timeout=600, workdir=tmp_path), tmp_path / "dft.db")
     _check_dft(oracle.label(_si2_displaced()))
     row = LabelDatabase(tmp_path / "dft.db").rows()[0]
     assert row.oracle == "gpaw-pw" and row.status == "ok" and row.data["settings"]["ecut"] == 200
@@ -377,8 +377,8 @@ def test_gpaw_gamma_optical_phonon_of_si(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("pw.x") is None, reason="needs pw.x (apt-get install quantum-espresso)")
 def test_espresso_scf_failure_is_reported_as_such(tmp_path):
-    oracle = Oracle("espresso-pw", ecutwfc=15, kpt_density=1.0, retries=0, workdir=tmp_path,
-                    input_data={"electrons": {"electron_maxstep": 2}}, database=tmp_path / "l.db")
+    oracle = Labeller(Oracle("espresso-pw", ecutwfc=15, kpt_density=1.0, retries=0, workdir=tmp_path,
+                    input_data={"electrons": {"electron_maxstep": 2}}), tmp_path / "l.db")
     result = oracle.label(_si2_displaced())
     assert result.status == "failed" and result.error_kind == "scf"
     assert "convergence NOT achieved" in result.error  # pw.x's own words, not just "exit status 2"
@@ -393,9 +393,8 @@ def test_missing_executable_of_a_generic_calculator_is_a_failed_result(tmp_path)
     from ase.calculators.espresso import EspressoProfile
 
     profile = EspressoProfile(command="no-such-pw.x", pseudo_dir="/usr/share/espresso/pseudo")
-    oracle = Oracle("ase.calculators.espresso:Espresso", profile=profile,
-                    pseudopotentials={"Si": "Si.pbe-rrkj.UPF"}, retries=0, workdir=tmp_path,
-                    database=tmp_path / "l.db")
+    oracle = Labeller(Oracle("ase.calculators.espresso:Espresso", profile=profile,
+                    pseudopotentials={"Si": "Si.pbe-rrkj.UPF"}, retries=0, workdir=tmp_path), tmp_path / "l.db")
     result = oracle.label(bulk("Si"))
     assert result.status == "failed" and result.error_kind == "exception"
     assert "no-such-pw.x" in result.error

@@ -121,13 +121,15 @@ class Campaign:
         state = None
         if self.root:
             from almd.labels.database import LabelDatabase
+            from almd.labels.labeller import Labeller
             from almd.labels.oracle import Oracle
 
             self.output.mkdir(parents=True, exist_ok=True)
             self.database = LabelDatabase(self.output / "labels.db", cfg.learning.validation_fraction)
             ref = cfg.reference
-            self.oracle = Oracle(ref.calculator, timeout=ref.timeout, retries=ref.retries, database=self.database,
-                                 workdir=self.output / "oracle-runs", **ref.options)
+            oracle = Oracle(ref.calculator, timeout=ref.timeout, retries=ref.retries,
+                            workdir=self.output / "oracle-runs", **ref.options)
+            self.labeller = Labeller(oracle, self.database)
             state = self._read_state()
         state = self.comm.bcast(state if self.root else None)
         self.model_version = state.get("model_version", 0)
@@ -233,9 +235,7 @@ class Campaign:
         provenance = [{"walker": walker, "step": step, "source": reason, "model_version": self.model_version,
                        **({} if s is None else {"uncertainty": float(s)}), **({} if sp is None else {"split": sp})}
                       for s, sp in zip(scores, splits)]
-        results = self.oracle.label_many(frames, provenance=provenance)
-        rows = [self.database.lookup(r.content_hash) for r in results if r.ok]
-        return [self.database.row_to_atoms(row) for row in rows if row is not None]
+        return self.labeller.labelled(frames, provenance)
 
     def _refit(self, ensemble, labelled: list[Atoms]) -> None:
         """Heads refitted with the new training labels; calibration updated with the held-out ones.

@@ -3,7 +3,8 @@
 The oracle is any ASE calculator: a preset (``PRESETS``) or ``"module:Class"``
 plus keyword arguments. ``Oracle.label`` runs each calculation in its own worker
 process (forked from a warm forkserver) with a timeout and retries; every
-outcome comes back as a ``LabelResult`` and, with a database, becomes a row.
+outcome comes back as a ``LabelResult`` (a :class:`~almd.labels.labeller.Labeller`
+stores it).
 Mistakes a user can fix raise ``OracleConfigError`` before any work starts.
 No torch here: the oracle must run where the ML stack is not installed.
 """
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,6 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from almd.labels.database import LabelDatabase
 from almd.references import (
     PRESETS,
     PSEUDO_DIR,
@@ -190,15 +190,15 @@ class Oracle:
     ``spec``/``overrides`` as for ``build_calculator``. ``timeout`` (s) bounds
     each attempt; ``retries`` extra attempts follow any failure (a hung or
     crashed DFT run often succeeds the second time; deterministic errors just
-    cost one more try). ``database`` (path or LabelDatabase): already-labelled
-    structures are read from it, every outcome is written to it. ``threads``:
+    cost one more try). The oracle computes and never stores: joined with a
+    :class:`~almd.labels.database.LabelDatabase` it is a
+    :class:`~almd.labels.labeller.Labeller`. ``threads``:
     OpenMP/BLAS threads of the worker (MPI-parallel DFT: put mpirun in the
     calculator's command instead).
     """
 
     def __init__(self, spec: Any, *, timeout: float = 3600.0, retries: int = 1,
-                 workdir: str | Path | None = None, database: LabelDatabase | str | Path | None = None,
-                 name: str | None = None, threads: int = 1, **overrides: Any) -> None:
+                 workdir: str | Path | None = None, name: str | None = None, threads: int = 1, **overrides: Any) -> None:
         if timeout <= 0 or retries < 0:
             raise OracleConfigError(f"need timeout > 0 and retries >= 0, got {timeout}, {retries}")
         self.spec_name, self.kwargs = resolve_spec(spec, **overrides)
@@ -211,9 +211,6 @@ class Oracle:
         self.retries = int(retries)
         self.threads = int(threads)
         self.workdir = Path(workdir) if workdir is not None else Path.cwd() / "oracle-runs"
-        if database is not None and not isinstance(database, LabelDatabase):
-            database = LabelDatabase(database)
-        self.database = database
         self._cache: dict[str, LabelResult] = {}
         self.calls = 0  # calculations actually started (cache hits excluded)
         self._lock = threading.Lock()
@@ -224,17 +221,10 @@ class Oracle:
                   if k in ("pseudo_dir", "pseudopotentials", "xc", "command")}
             build_calculator("espresso-pw", atoms=atoms, **kw)
 
-    def _cached(self, key: str) -> LabelResult | None:
+    def _cached(self, key: str, known: Callable[[str], LabelResult | None] | None) -> LabelResult | None:
         if key in self._cache:
             return self._cache[key]
-        row = self.database.lookup(key) if self.database is not None else None
-        if row is not None:
-            return LabelResult(
-                status="ok", energy=row.get("energy"), forces=row.get("forces"),
-                stress=row.get("stress"), wall_time=float(row.get("wall_time", 0.0)),
-                attempts=int(row.get("attempts", 1)), settings_hash=self.settings_hash,
-                content_hash=key, oracle=row.get("oracle", self.name), settings=self.settings)
-        return None
+        return known(key) if known is not None else None
 
     def _attempt(self, atoms: Atoms, key: str) -> dict[str, Any]:
         ctx = _context(main=self.spec_name.startswith("__main__:"))
@@ -284,34 +274,25 @@ class Oracle:
         return LabelResult(status="ok", energy=out["energy"], forces=out["forces"],
                            stress=out["stress"], **common)
 
-    def _store(self, atoms: Atoms, result: LabelResult, provenance: Mapping[str, Any]) -> None:
-        if result.ok:
-            self._cache[result.content_hash] = result
-        if self.database is not None:
-            self.database.add_result(atoms, result, **provenance)
-
-    def label(self, atoms: Atoms, **provenance: Any) -> LabelResult:
-        """Label one structure. Never raises for a failed calculation: the result
-        says 'failed' and, with a database, a failed row is stored. ``provenance``
-        (walker, step, model_version, uncertainty) goes into the database row.
-        """
-        return self.label_many([atoms], provenance=[provenance])[0]
+    def label(self, atoms: Atoms) -> LabelResult:
+        """Label one structure. Never raises for a failed calculation: the result says 'failed'."""
+        return self.label_many([atoms])[0]
 
     def label_many(self, frames: list[Atoms], *, max_workers: int = 1,
-                   provenance: list[Mapping[str, Any]] | None = None) -> list[LabelResult]:
+                   known: Callable[[str], LabelResult | None] | None = None,
+                   on_result: Callable[[int, LabelResult], None] | None = None) -> list[LabelResult]:
         """Label several structures, up to ``max_workers`` worker processes at once.
 
-        Results come back in input order; each is written to the database as soon
-        as it finishes (from this thread only: one writer), so a crash loses only
-        the calculations still running. Duplicates within ``frames`` run once.
+        Results come back in input order. ``known(content_hash)`` may answer from
+        a store before anything is computed; ``on_result(i, result)`` is called for
+        each computed result as soon as it finishes (from this thread only: one
+        writer), so a store that writes there loses only the calculations still
+        running. Duplicates within ``frames`` run once.
         """
-        provenance = provenance or [{} for _ in frames]
-        if len(provenance) != len(frames):
-            raise ValueError("provenance needs one mapping per frame")
         results: list[LabelResult | None] = [None] * len(frames)
         todo: dict[str, list[int]] = {}
         for i, key in enumerate(content_hash(a, self.settings_hash) for a in frames):
-            hit = self._cached(key)
+            hit = self._cached(key, known)
             if hit is not None:
                 results[i] = LabelResult(**{**hit.__dict__, "cached": True})
             else:
@@ -324,7 +305,10 @@ class Oracle:
             for future in as_completed(futures):
                 idx = futures[future]
                 result = future.result()
-                self._store(frames[idx[0]], result, provenance[idx[0]])
+                if result.ok:
+                    self._cache[result.content_hash] = result
+                if on_result is not None:
+                    on_result(idx[0], result)
                 for n, i in enumerate(idx):
                     results[i] = result if n == 0 else LabelResult(**{**result.__dict__, "cached": result.ok})
         return [r for r in results if r is not None]
