@@ -12,6 +12,8 @@ import sys
 
 import almd
 
+__all__ = ["main", "SUBCOMMANDS"]
+
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("almd.campaign.cli", "run or resume an active-learning MD campaign (TOML; built-in Si campaign without one)"),

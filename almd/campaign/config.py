@@ -28,6 +28,11 @@ from almd.campaign.trigger import TriggerSettings
 from almd.campaign.walker import WalkerSettings
 from almd.settings import ConfigError, TomlSettings, bad
 
+__all__ = [
+    "BUILTIN_STRUCTURES", "CampaignConfig", "FINETUNE_STRATEGIES", "FinetuneSettings", "LearningConfig",
+    "ModelConfig", "ReferenceConfig", "RunConfig", "SystemConfig",
+]
+
 BUILTIN_STRUCTURES = ("si",)
 #: fine-tune strategies a campaign may use (almd.potentials.adapters.STRATEGIES without
 #: "scratch": re-initialising the backbone every round would throw away what it learnt)

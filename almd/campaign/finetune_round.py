@@ -29,6 +29,8 @@ from ase import Atoms
 
 from almd.campaign.config import CampaignConfig
 
+__all__ = ["finetune_config", "finetune_round", "learnt_labels"]
+
 
 def finetune_config(config: CampaignConfig, backbone: str, workdir: Path, seed: int):
     """The :class:`~almd.finetune.FinetuneConfig` of one round: ``finetune.config``'s settings (or the

@@ -40,6 +40,8 @@ from almd.campaign.walker import Frame, StepRecord, Walker
 from almd.io import atomic_write
 from almd.structures import bare
 
+__all__ = ["Campaign", "CampaignResult", "LabelRequest", "run", "starting_structure", "STEP_FIELDS"]
+
 STEP_FIELDS = ("walker", "step", "energy", "temperature", "max_force", "score", "action", "reasons",
                "rolling_mean", "labels", "model_version")
 
@@ -448,8 +450,10 @@ def _restart_uncertainty(walker: Walker) -> None:
     """Forget cached results and align the calculator's uncertainty schedule with the walker's step,
     so the spread is evaluated at the same steps whether or not the run was interrupted.
     """
+    from almd.uncertainty.calculator import UncertaintyCalculator
+
     calc = walker.calculator
-    if hasattr(calc, "align_schedule"):
+    if isinstance(calc, UncertaintyCalculator):
         calc.align_schedule(walker.step)
     else:
         calc.reset()

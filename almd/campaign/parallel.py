@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+__all__ = ["owned", "SerialComm", "world"]
+
 
 class SerialComm:
     """The subset of an mpi4py communicator the campaign uses, for one process."""

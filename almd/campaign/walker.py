@@ -37,6 +37,8 @@ except ImportError:  # pragma: no cover
 
 from almd.io import atomic_write
 
+__all__ = ["DYNAMICS", "Frame", "StepRecord", "Walker", "WalkerError", "WalkerSettings", "WalkerState"]
+
 DYNAMICS = ("langevin", "nve")
 
 

@@ -5,4 +5,6 @@ The embedded default of `almd demo` and the tests use it, so neither needs netwo
 
 from pathlib import Path
 
+__all__ = ["SI_PBE"]
+
 SI_PBE = Path(__file__).parent / "si-pbe"

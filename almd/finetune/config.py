@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from almd.potentials.adapters import STRATEGIES
 from almd.settings import TomlSettings, bad
 
+__all__ = ["DataConfig", "FinetuneConfig", "LossConfig", "ModelConfig", "OptimConfig", "RunConfig"]
+
 
 @dataclass
 class ModelConfig:

@@ -20,6 +20,12 @@ from almd.potentials import Potential, build_graph, energy_forces_stress, neighb
 from almd.potentials.graph import NeighborPairs
 from almd.structures import bare
 
+__all__ = [
+    "apply_energy_shifts", "as_samples", "check_samples", "DataError", "fit_energy_shifts", "load_efs",
+    "load_phonon", "load_third_order", "model_labels", "Sample", "sample_from_atoms", "self_distilled",
+    "split_validation",
+]
+
 
 class DataError(ValueError):
     """Training data that cannot be used (found before training starts)."""

@@ -19,6 +19,8 @@ from almd.potentials import (
     energy_forces_stress_hvp,
 )
 
+__all__ = ["efs_terms", "hessian_term", "pft_terms"]
+
 
 def _graph(potential: Potential, samples: list[Sample], dtype: torch.dtype, mirrors: list[Sample] = ()):
     """One batch graph: the samples, then the mirror geometries of ``mirrors``."""

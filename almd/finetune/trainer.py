@@ -42,6 +42,8 @@ from almd.finetune.data import (
 )
 from almd.potentials import Potential, adapters, atomic_torch_save
 
+__all__ = ["DTYPES", "EMA", "Finetuner", "FinetuneResult", "LOG_FIELDS", "shift_energies"]
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LOG_FIELDS = ("step", "loss", "energy", "forces", "stress", "hessian", "third_order", "delta_l2", "replay",
               "grad_norm", "val_loss", "val_hessian_mae", "val_third_order_mae", "val_forces_mae", "seconds")

@@ -13,13 +13,8 @@ The command line (`almd phonons ...`) is a thin layer in almd.phonons.cli.
 
 from __future__ import annotations
 
-from almd.phonons._calculators import (
-    fc_to_hessian,
-    get_hessian,
-    hessian_to_fc,
-    resolve_calculator,
-    stillinger_weber_si,
-)
+from almd.phonons._calculators import get_hessian, resolve_calculator, stillinger_weber_si
+from almd.phonons.datasets import force_constants_from_hessian, hessian_from_force_constants
 from almd.phonons.harmonic import (
     THZ_TO_K,
     PhononResult,
@@ -49,9 +44,9 @@ __all__ = [
     "analyse",
     "build_phonopy",
     "compare",
-    "fc_to_hessian",
+    "hessian_from_force_constants",
     "get_hessian",
-    "hessian_to_fc",
+    "force_constants_from_hessian",
     "kappa",
     "load_reference",
     "main",

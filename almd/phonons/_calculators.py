@@ -6,11 +6,33 @@ calculator needs it, never here.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator as AseCalculator
+
+__all__ = [
+    "calculator_label", "compute_forces", "cutoff_margin", "get_hessian",
+    "has_analytic_hessian", "has_hessian", "HessianCalculator", "HessianVectorCalculator",
+    "model_cutoff", "resolve_calculator", "stillinger_weber_si",
+]
+
+
+@runtime_checkable
+class HessianCalculator(Protocol):
+    """A calculator that gives the whole supercell Hessian (almd.Calculator: by autodiff)."""
+
+    def get_hessian(self, atoms: Atoms) -> np.ndarray:
+        """(3N, 3N) Hessian in eV/Å², atom-major, no mass weighting."""
+
+
+@runtime_checkable
+class HessianVectorCalculator(Protocol):
+    """A calculator that gives Hessian-vector products H·u without the whole Hessian."""
+
+    def get_hessian_vector_products(self, atoms: Atoms, vectors: np.ndarray) -> np.ndarray:
+        """(k, N, 3) products H·u for k displacement patterns u of shape (N, 3), eV/Å."""
 
 
 def stillinger_weber_si() -> AseCalculator:
@@ -61,9 +83,7 @@ def compute_forces(
 
 def has_hessian(calc: AseCalculator) -> bool:
     """True if the calculator gives an analytic or autodiff Hessian."""
-    if callable(getattr(calc, "get_hessian", None)):
-        return True
-    return has_analytic_hessian(calc)
+    return isinstance(calc, HessianCalculator) or has_analytic_hessian(calc)
 
 
 def has_analytic_hessian(calc: AseCalculator) -> bool:
@@ -77,7 +97,7 @@ def get_hessian(calc: AseCalculator, atoms: Atoms) -> np.ndarray:
     """Supercell Hessian d²E/dx_i dx_j, (3N, 3N), eV/Å², atom-major, no mass weighting."""
     atoms = atoms.copy()
     atoms.calc = calc
-    if callable(getattr(calc, "get_hessian", None)):
+    if isinstance(calc, HessianCalculator):
         h = calc.get_hessian(atoms)
     else:  # matscipy returns a scipy sparse (BSR) matrix
         h = calc.get_property("hessian", atoms)
@@ -88,18 +108,6 @@ def get_hessian(calc: AseCalculator, atoms: Atoms) -> np.ndarray:
     if h.shape != (n, n):
         raise ValueError(f"Hessian has shape {h.shape}, expected {(n, n)}")
     return h
-
-
-def hessian_to_fc(hessian: np.ndarray) -> np.ndarray:
-    """(3N, 3N) Hessian → phonopy full force constants (N, N, 3, 3)."""
-    n = hessian.shape[0] // 3
-    return hessian.reshape(n, 3, n, 3).swapaxes(1, 2).copy()
-
-
-def fc_to_hessian(fc: np.ndarray) -> np.ndarray:
-    """Phonopy full force constants (N, N, 3, 3) → (3N, 3N) Hessian (methods.md convention)."""
-    n = fc.shape[0]
-    return fc.swapaxes(1, 2).reshape(3 * n, 3 * n).copy()
 
 
 def model_cutoff(calc: AseCalculator) -> float | None:

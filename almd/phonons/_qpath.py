@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import spglib
 
+__all__ = ["bravais_key", "high_symmetry_path", "path_qpoints"]
+
 _TABLE: dict[str, tuple[dict[str, tuple[float, float, float]], list[list[str]]]] = {
     "cF": (
         {"Γ": (0, 0, 0), "X": (0, 1, 0), "W": (0.5, 1, 0), "K": (0.75, 0.75, 0), "L": (0.5, 0.5, 0.5)},

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["build_parser", "DESCRIPTION", "main"]
+
 DESCRIPTION = """\
 Phonons, thermal properties and (optionally) lattice thermal conductivity of a
 structure with any calculator: an oracle preset (stillinger-weber-si, emt,

@@ -15,7 +15,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from almd.structures import minimum_image
 
-__all__ = ["displaced_supercells", "hessian_from_force_constants", "load_phonon_dataset",
+__all__ = ["displaced_supercells", "hessian_from_force_constants", "force_constants_from_hessian", "load_phonon_dataset",
            "phonon_hessian", "third_order_hessians"]
 
 
@@ -108,6 +108,12 @@ def hessian_from_force_constants(fc: np.ndarray) -> np.ndarray:
             "(or expand with phonopy's compact_fc_to_full_fc)")
     n = fc.shape[0]
     return np.ascontiguousarray(fc.swapaxes(1, 2).reshape(3 * n, 3 * n))
+
+
+def force_constants_from_hessian(hessian: np.ndarray) -> np.ndarray:
+    """(3N, 3N) Hessian → phonopy full force constants (N, N, 3, 3)."""
+    n = hessian.shape[0] // 3
+    return hessian.reshape(n, 3, n, 3).swapaxes(1, 2).copy()
 
 
 def phonon_hessian(dataset_path: str | Path | Any) -> tuple[Atoms, np.ndarray]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from almd.data import SI_PBE
 
+__all__ = ["main"]
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="almd demo", description=__doc__.splitlines()[0])

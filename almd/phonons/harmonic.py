@@ -23,16 +23,24 @@ from phonopy.structure.atoms import PhonopyAtoms
 
 from almd.io import atomic_write
 from almd.phonons._calculators import (
+    HessianVectorCalculator,
     calculator_label,
     compute_forces,
     get_hessian,
     has_analytic_hessian,
     has_hessian,
-    hessian_to_fc,
     resolve_calculator,
 )
 from almd.phonons._qpath import high_symmetry_path, path_qpoints
+from almd.phonons.datasets import force_constants_from_hessian
 from almd.structures import minimum_image
+
+__all__ = [
+    "analyse", "build_phonopy", "DEFAULT_TEMPERATURES", "displaced_forces", "has_hvp", "hvp_forces",
+    "PhononResult", "phonons", "phonopy_from_calculator", "phonopy_on_dataset", "quiet_auto_primitive",
+    "relax_structure", "set_forces_and_fc", "supercell_matrix", "THZ_TO_K", "to_ase_atoms",
+    "to_phonopy_atoms", "UNITS",
+]
 
 THZ_TO_K = 47.99243073366221  # h·1 THz / k_B
 DEFAULT_TEMPERATURES = (0.0, 100.0, 200.0, 300.0, 400.0, 500.0, 600.0, 800.0, 1000.0)
@@ -194,7 +202,7 @@ def phonopy_from_calculator(
         raise ValueError(f"{calculator_label(calculator)} has no Hessian-vector products; use method='displacement'")
     use_hessian = method == "hessian" or (method == "auto" and has_analytic_hessian(calc))
     if use_hessian:
-        ph.force_constants = hessian_to_fc(get_hessian(calc, to_ase_atoms(ph.supercell)))
+        ph.force_constants = force_constants_from_hessian(get_hessian(calc, to_ase_atoms(ph.supercell)))
         return ph
     ph.generate_displacements(distance=distance, is_plusminus=plusminus)
     if method == "hvp":
@@ -205,7 +213,7 @@ def phonopy_from_calculator(
 
 
 def has_hvp(calc: AseCalculator) -> bool:
-    return callable(getattr(calc, "get_hessian_vector_products", None))
+    return isinstance(calc, HessianVectorCalculator)
 
 
 def hvp_forces(ph: Phonopy, calc: AseCalculator) -> np.ndarray:

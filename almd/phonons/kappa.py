@@ -26,6 +26,8 @@ from almd.phonons.harmonic import (
 )
 from almd.phonons.reference import PhononReference, as_reference
 
+__all__ = ["kappa", "KappaResult"]
+
 
 @dataclass
 class KappaResult:

@@ -9,6 +9,8 @@ import numpy as np
 
 from almd.phonons.harmonic import PhononResult
 
+__all__ = ["plot_bands"]
+
 _STYLES = [("C0", "-"), ("k", "--"), ("C3", ":"), ("C2", "-.")]
 
 

@@ -13,6 +13,11 @@ import torch
 from almd.potentials.graph import Graph
 from almd.potentials.potential import Potential
 
+__all__ = [
+    "energy_forces_stress", "energy_forces_stress_hvp", "hessian", "hessian_vector_product",
+    "hessian_vector_products",
+]
+
 
 def energy_forces_stress(
     potential: Potential,

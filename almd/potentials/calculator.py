@@ -24,6 +24,8 @@ from almd import potentials
 from almd.potentials import Potential, build_graph, neighbor_pairs
 from almd.potentials.graph import NeighborPairs
 
+__all__ = ["Calculator", "DTYPES", "NeighborCache"]
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 

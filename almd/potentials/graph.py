@@ -15,6 +15,8 @@ import torch
 from ase import Atoms
 from vesin import NeighborList
 
+__all__ = ["build_graph", "Graph", "neighbor_pairs", "NeighborPairs"]
+
 
 @dataclass
 class NeighborPairs:

@@ -16,6 +16,8 @@ import torch
 from almd.potentials.graph import Graph
 from almd.potentials.potential import Potential, _top_module
 
+__all__ = ["Mace", "MaceReadout", "small_random_mace"]
+
 
 class Mace(Potential):
     backbone_name = "mace"

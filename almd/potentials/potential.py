@@ -12,6 +12,8 @@ from torch import nn
 
 from almd.potentials.graph import Graph
 
+__all__ = ["Potential", "UnknownElementError"]
+
 
 class UnknownElementError(ValueError):
     """A structure holds an element the model was not trained on."""

@@ -17,6 +17,8 @@ import torch
 from almd.potentials.graph import Graph
 from almd.potentials.potential import Potential, _top_module
 
+__all__ = ["PRETRAINED", "SevenNet", "SEVENNET_HEAD", "SevenNetReadout"]
+
 #: SevenNet's readout modules, in order
 SEVENNET_HEAD = ("reduce_input_to_hidden", "reduce_hidden_to_energy", "rescale_atomic_energy")
 

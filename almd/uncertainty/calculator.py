@@ -15,6 +15,7 @@ with ``uncertainty_age`` > 0 (calls since it was evaluated).
 from __future__ import annotations
 
 import os
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from ase import Atoms
@@ -25,6 +26,23 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from almd.potentials import build_graph
 from almd.potentials.calculator import Calculator
 from almd.uncertainty.ensemble import Ensemble, frame_score, per_atom_spread
+
+__all__ = ["EnsembleCalculator", "UncertaintyCalculator"]
+
+
+@runtime_checkable
+class UncertaintyCalculator(Protocol):
+    """An ASE calculator whose ``results`` hold the frame's calibrated score ``uncertainty``
+    (eV/Å) at the calls where it evaluates it, on a schedule a restart can realign.
+    """
+
+    results: dict
+
+    def align_schedule(self, step: int) -> None:
+        """Evaluate the spread at the calls an uninterrupted run would, counting from MD step ``step``."""
+
+    def reset(self) -> None:
+        """Forget cached results."""
 
 
 class EnsembleCalculator(Calculator):

@@ -53,6 +53,8 @@ from almd.potentials.files import backbone_from_export
 from almd.uncertainty.calibration import Calibration, reduce_atoms
 from almd.uncertainty.readout import readout_for
 
+__all__ = ["Ensemble", "FORMAT", "frame_score", "per_atom_spread", "SCORES"]
+
 FORMAT = "almd-ensemble-1"
 SCORES = ("max", "mean", "rms")
 
