@@ -166,3 +166,33 @@ def test_mace_matches_mace_calculator():
     assert atoms.get_potential_energy() == pytest.approx(theirs.get_potential_energy(), abs=1e-10)
     np.testing.assert_allclose(atoms.get_forces(), theirs.get_forces(), atol=1e-10)
     np.testing.assert_allclose(atoms.get_stress(), theirs.get_stress(), atol=1e-10)
+
+
+def test_forces_then_stress_is_one_model_call(sevennet64, si8):
+    """ASE asks for stress after forces (NPT, optimisers with a cell filter): one forward and
+    one backward answer both, and the stress is the strain derivative of the energy.
+    """
+    calls = []
+    forward = sevennet64.potential.forward_with_atomic
+    sevennet64.potential.forward_with_atomic = lambda graph: calls.append(1) or forward(graph)
+    try:
+        atoms = si8.copy()
+        atoms.calc = sevennet64
+        atoms.get_forces()
+        stress = atoms.get_stress(voigt=False)
+        assert len(calls) == 1
+    finally:
+        sevennet64.potential.forward_with_atomic = forward
+    # σ = (1/V) ∂E/∂ε against central differences of a homogeneous strain of the cell
+    h, volume = 1e-5, atoms.get_volume()
+    for a, b in [(0, 0), (1, 2)]:
+        energies = []
+        for sign in (1, -1):
+            eps = np.zeros((3, 3))
+            eps[a, b] = eps[b, a] = sign * h / (2 if a != b else 1)
+            strained = atoms.copy()
+            strained.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+            strained.calc = sevennet64
+            energies.append(strained.get_potential_energy())
+        derivative = (energies[0] - energies[1]) / (2 * h) / volume
+        assert derivative == pytest.approx(stress[a, b], abs=1e-6)

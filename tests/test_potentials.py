@@ -167,5 +167,46 @@ def test_unknown_element_is_named(potential):
 
 def test_save_and_load_round_trip(potential, sic8, tmp_path):
     path = potentials.save(potential, tmp_path / "model.pt", note="test")
-    again = potentials.load(path).double()
+    # a MACE backbone is saved as MACE saves it, a pickled module: its reader must be trusted explicitly
+    again = potentials.load(path, allow_pickle=potential.backbone_name == "mace").double()
     assert efs(again, sic8)[0] == pytest.approx(efs(potential, sic8)[0], abs=1e-10)
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious model file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_pickle_is_refused_without_running_its_payload(tmp_path):
+    import torch
+
+    import almd
+
+    marker, path = tmp_path / "ran", tmp_path / "model.pt"
+    torch.save({"format": "almd-potential-1", "backbone": _Payload(marker)}, path)
+    with pytest.raises(potentials.files.UnsafeModelFile, match="allow_pickle"):
+        almd.Calculator(model=path)
+    with pytest.raises(potentials.files.UnsafeModelFile):
+        almd.load_model(path)
+    assert not marker.exists()
+
+
+def test_almd_files_read_weights_only(tmp_path):
+    """A saved SevenNet model and an ensemble on it are plain tensors, numbers and arrays."""
+    from almd.uncertainty import Ensemble
+
+    pot = potentials.load("sevennet-0")
+    path = potentials.save(pot, tmp_path / "model.pt")
+    again = potentials.files.read_payload(path)  # would raise if it needed unpickling
+    assert again["format"] == "almd-potential-1"
+    ens = Ensemble(pot, k=2)
+    back = Ensemble.load(ens.save(tmp_path / "ensemble.pt"))
+    original = pot.state_dict()
+    assert back.k == 2 and all(torch.equal(v, original[k].to(v.dtype)) for k, v in back.backbone.state_dict().items())

@@ -41,6 +41,7 @@ from almd.finetune.data import (
     split_validation,
 )
 from almd.potentials import Potential, adapters, atomic_torch_save
+from almd.potentials.files import read_payload
 
 __all__ = ["DTYPES", "EMA", "Finetuner", "FinetuneResult", "LOG_FIELDS", "shift_energies"]
 
@@ -329,7 +330,7 @@ class Finetuner:
         return path
 
     def load_checkpoint(self, path: Path | None = None) -> None:
-        state = torch.load(path or self.checkpoint_path, map_location="cpu", weights_only=False)
+        state = read_payload(path or self.checkpoint_path)
         self.potential.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])

@@ -4,6 +4,10 @@ Works unchanged in ASE dynamics, optimisers and phonopy. Beyond ASE's
 ``energy``, ``free_energy``, ``energies``, ``forces`` and ``stress`` it gives the
 Hessian, ``calc.get_hessian(atoms)``, by automatic differentiation.
 
+Whatever property is asked for, one forward and one backward give them all
+(the stress of a periodic cell included) and ``results`` caches them, so ASE's
+``get_forces()`` followed by ``get_stress()`` runs the model once.
+
 MD calls move atoms a little each step, so the neighbour list is built with a
 skin and reused until some atom has moved more than half the skin (or the cell,
 numbers or pbc change); pairs beyond the cutoff are dropped in torch.
@@ -77,6 +81,8 @@ class Calculator(AseCalculator):
     device: torch device, e.g. ``"cpu"``.
     dtype: ``"float32"`` (fast) or ``"float64"`` (for Hessians and finite-difference checks).
     skin: neighbour-list skin in Å; 0 rebuilds the list on every call.
+    allow_pickle: read a model file that needs full unpickling (a MACE model file); only
+        for files you trust, as unpickling can run code (see almd.potentials.files).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -87,6 +93,7 @@ class Calculator(AseCalculator):
         device: str = "cpu",
         dtype: str | torch.dtype = "float32",
         skin: float = 0.5,
+        allow_pickle: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -96,7 +103,7 @@ class Calculator(AseCalculator):
             dtype = DTYPES[dtype]
         self.device = torch.device(device)
         self.dtype = dtype
-        self.potential = potentials.load(model).to(device=self.device, dtype=dtype).eval()
+        self.potential = potentials.load(model, allow_pickle).to(device=self.device, dtype=dtype).eval()
         for p in self.potential.parameters():
             p.requires_grad_(False)  # inference: no parameter gradients in MD
         self.neighbors = NeighborCache(self.potential.cutoff, skin)
@@ -105,7 +112,7 @@ class Calculator(AseCalculator):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         self.potential.check_species(atoms.numbers)
-        want_stress = "stress" in properties and bool(atoms.pbc.all())
+        want_stress = bool(atoms.pbc.all())  # same backward as the forces: ASE asks for it next
         graph = build_graph(atoms, self.potential.cutoff, self.dtype, self.device,
                             pairs=[self.neighbors.get(atoms)])
         out = potentials.energy_forces_stress(self.potential, graph, forces=True, stress=want_stress)

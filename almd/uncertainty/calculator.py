@@ -68,7 +68,7 @@ class EnsembleCalculator(Calculator):
         AseCalculatorBase.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
         ens = self.ensemble
-        want_stress = "stress" in properties and bool(atoms.pbc.all())
+        want_stress = bool(atoms.pbc.all())  # same backward as the forces (see almd.Calculator)
         graph = build_graph(atoms, ens.cutoff, self.dtype, self.device, pairs=[self.neighbors.get(atoms)])
         spread_now = self._last is None or self.calls % self.uncertainty_every == 0
         out = ens.evaluate(graph, members=spread_now, stress=want_stress)

@@ -49,7 +49,7 @@ from ase import Atoms
 
 from almd import potentials
 from almd.potentials import Graph, Potential, atomic_torch_save, build_graph, register_format
-from almd.potentials.files import backbone_from_export
+from almd.potentials.files import backbone_from_export, read_payload
 from almd.uncertainty.calibration import Calibration, reduce_atoms
 from almd.uncertainty.readout import readout_for
 
@@ -372,8 +372,12 @@ class Ensemble(Potential):
         return atomic_torch_save(self.export(), path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Ensemble":
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+    def load(cls, path: str | os.PathLike, allow_pickle: bool = False) -> "Ensemble":
+        """The ensemble :meth:`save` wrote (read weights-only; see :func:`almd.potentials.files.read_payload`)."""
+        return cls.from_payload(read_payload(path, allow_pickle), str(path))
+
+    @classmethod
+    def from_payload(cls, payload: dict, path: str = "payload") -> "Ensemble":
         if not (isinstance(payload, dict) and payload.get("format") == FORMAT):
             raise ValueError(f"{path}: not an almd ensemble file ({FORMAT})")
         ens = cls(backbone_from_export(payload["backbone"], str(path)), **payload["settings"],
@@ -387,4 +391,4 @@ class Ensemble(Potential):
         return ens
 
 
-register_format(FORMAT, lambda name, payload: Ensemble.load(name))
+register_format(FORMAT, lambda name, payload: Ensemble.from_payload(payload, name))
