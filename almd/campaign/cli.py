@@ -10,7 +10,11 @@ import sys
 from almd.campaign.config import CampaignConfig
 from almd.campaign.loop import Campaign
 
-__all__ = ["main"]
+__all__ = ["EXIT_STOPPED", "main"]
+
+#: exit status of a run stopped by SIGTERM / SIGINT / SIGUSR1 after writing its checkpoint
+#: (sysexits' EX_TEMPFAIL: run the same command again to continue)
+EXIT_STOPPED = 75
 
 
 def main(argv: list[str]) -> int:
@@ -34,6 +38,11 @@ def main(argv: list[str]) -> int:
     except (ConfigError, UnknownElementError, FileNotFoundError) as exc:
         print(f"almd run: error: {exc}")
         return 2
+    if result is not None and result.stopped:
+        steps = ", ".join(f"walker {k} at step {v}" for k, v in sorted(result.steps.items()))
+        print(f"almd run: stopped by {result.stopped} ({steps}); checkpoint written to {result.output}; "
+              f"run the same command again to continue (exit status {EXIT_STOPPED})")
+        return EXIT_STOPPED
     if result is not None:  # rank 0 reports
         print(json.dumps(result.summary(), indent=1))
     return 0

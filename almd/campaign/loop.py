@@ -13,12 +13,15 @@ new training labels the backbone itself is fine-tuned on them and the ensemble
 rebuilt on it (:mod:`almd.campaign.finetune_round`).
 
 Everything lives in ``run.output``: ``labels.db`` (every reference
-calculation, as soon as it finishes), ``ensemble.pt``, ``models/backbone-vN.pt``
-(fine-tuned backbones), one ``walker-K.json``
-and ``trigger-K.json`` per walker, ``campaign.json`` and ``steps.csv``. A
-killed campaign started again resumes from the last checkpoint; steps after
-it are re-run, and any reference calculation they call again is read back
-from the database, never recomputed or lost.
+calculation, as soon as it finishes), ``campaign.json`` (the checkpoint, one
+unit: see :mod:`almd.campaign.state`) with its ``ensemble-G.pt``,
+``models/backbone-vN.pt`` (fine-tuned backbones), ``walker-K.json`` and
+``trigger-K.json`` (copies for reading), ``steps.csv`` (flushed every round) and
+``almd.lock`` while a process runs there. A killed campaign started again
+resumes from the last checkpoint; steps after it are re-run, and any
+reference calculation they call again is read back from the database, never
+recomputed or lost. SIGTERM, SIGINT or SIGUSR1 end the current step, write a
+checkpoint and return (``CampaignResult.stopped`` names the signal).
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from ase import Atoms
 
 from almd.campaign.config import CampaignConfig
 from almd.campaign.selection import select_frames
+from almd.campaign.state import RunLock, StopRequest, read_checkpoint, truncate_log, write_checkpoint
 from almd.campaign.trigger import Decision, Trigger
-from almd.campaign.walker import Frame, StepRecord, Walker
-from almd.io import atomic_write
+from almd.campaign.walker import Frame, StepRecord, Walker, WalkerState
 from almd.structures import bare
 
 __all__ = ["Campaign", "CampaignResult", "LabelRequest", "run", "starting_structure", "STEP_FIELDS"]
@@ -78,6 +81,7 @@ class CampaignResult:
     trajectory_averaged_uncertainty: dict[int, float]  #: eV/Å, each walker's rolling mean at the end
     backbone: str = ""  #: the backbone the walkers ended on (a model file after a fine-tune)
     finetunes: int = 0  #: fine-tune rounds
+    stopped: str | None = None  #: the signal that stopped the run before its end (resume by running again)
 
     def summary(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -127,6 +131,8 @@ class Campaign:
             from almd.labels.oracle import Oracle
 
             self.output.mkdir(parents=True, exist_ok=True)
+            self.lock = RunLock(self.output)
+            self.lock.acquire()  # before anything is written: a second process is refused here
             self.database = LabelDatabase(self.output / "labels.db", cfg.learning.validation_fraction)
             ref = cfg.reference
             oracle = Oracle(ref.calculator, timeout=ref.timeout, retries=ref.retries,
@@ -134,6 +140,7 @@ class Campaign:
             self.labeller = Labeller(oracle, self.database)
             state = self._read_state()
         state = self.comm.bcast(state if self.root else None)
+        self.state = state  # the checkpoint resumed from ({} for a new run)
         self.model_version = state.get("model_version", 0)
         self.calls, self.brakes = state.get("calls", 0), state.get("brakes", 0)
         self.rounds = state.get("rounds", 0)  # lockstep rounds: checkpoints fall on multiples of checkpoint_every
@@ -151,10 +158,9 @@ class Campaign:
 
     # ------------------------------------------------------------ set-up / resume
     def _read_state(self) -> dict[str, Any]:
-        path = self.output / "campaign.json"
-        if not path.exists():
+        state = read_checkpoint(self.output)
+        if not state:
             return {}
-        state = json.loads(path.read_text())
         if _resumable(state.get("config", {})) != _resumable(self.config.to_dict()):
             from almd.settings import ConfigError
 
@@ -167,12 +173,12 @@ class Campaign:
         from almd.uncertainty import Ensemble
 
         le = self.config.learning
-        path = self.output / "ensemble.pt"
+        path = self.output / self.state["ensemble"] if "ensemble" in self.state else None
         if not self.root:
             ens = self._unfitted_ensemble()
             ens.load_head_state(self.comm.bcast(None))
             return ens
-        if path.exists():
+        if path is not None:
             ens = Ensemble.load(path)
         else:
             ens = self._unfitted_ensemble()
@@ -212,19 +218,18 @@ class Campaign:
         return EnsembleCalculator(self.ensemble, uncertainty_every=m.uncertainty_every, dtype=m.dtype)
 
     def _walker(self, k: int) -> Walker:
-        path = self.output / f"walker-{k}.json"
+        saved = self.state.get("walkers", {}).get(str(k))
         settings = self.config.md
         if k > 0:  # independent trajectories: each walker its own seed
             from dataclasses import replace
 
             settings = replace(settings, seed=settings.seed + 1000 * k)
-        if path.exists():
-            return Walker.load(path, self.start, self._calculator(), settings, name=f"walker-{k}")
-        return Walker(self.start, self._calculator(), settings, name=f"walker-{k}")
+        state = WalkerState.from_json(json.dumps(saved)) if saved is not None else None
+        return Walker(self.start, self._calculator(), settings, name=f"walker-{k}", state=state)
 
     def _trigger(self, k: int) -> Trigger:
-        path = self.output / f"trigger-{k}.json"
-        return Trigger.from_json(path.read_text()) if path.exists() else Trigger(self.config.trigger)
+        saved = self.state.get("triggers", {}).get(str(k))
+        return Trigger.from_json(json.dumps(saved)) if saved is not None else Trigger(self.config.trigger)
 
     # ------------------------------------------------------------ learning (rank 0)
     def _label(self, frames: list[Atoms], walker: int, step: int, reason: str,
@@ -356,7 +361,7 @@ class Campaign:
         return rows, bool(self.comm.allreduce(int(busy)))
 
     def checkpoint(self) -> None:
-        """Everything needed to resume, written by rank 0, each file atomically; the ensemble first.
+        """Everything needed to resume, written by rank 0 as one unit (:func:`~almd.campaign.state.write_checkpoint`).
 
         Every walker then recomputes its forces and spread at the checkpoint, as a
         resumed run must, so interrupted and uninterrupted runs stay identical.
@@ -364,20 +369,18 @@ class Campaign:
         local = {k: (w.state().to_json(), self.triggers[k].to_json(), self.last_call.get(k)) for k, w in self.walkers.items()}
         parts = self.comm.gather(local)
         if self.root:
-            self.ensemble.save(self.output / "ensemble.pt")
-            last_call, steps = {}, {}
+            walkers, triggers, last_call, steps = {}, {}, {}, {}
             for part in parts:
                 for k, (walker, trigger, call) in part.items():
-                    atomic_write(self.output / f"walker-{k}.json", walker)
-                    atomic_write(self.output / f"trigger-{k}.json", trigger)
+                    walkers[k], triggers[k] = walker, trigger
                     steps[k] = json.loads(walker)["step"]
                     if call is not None:
                         last_call[k] = call
-            atomic_write(self.output / "campaign.json", json.dumps({
+            write_checkpoint(self.output, self.ensemble, {
                 "config": self.config.to_dict(), "model_version": self.model_version, "calls": self.calls,
                 "brakes": self.brakes, "rounds": self.rounds, "last_call": last_call, "steps": steps,
                 "backbone": self.backbone, "labels_since_finetune": self.since_finetune,
-                "finetunes": self.finetunes}, indent=1))
+                "finetunes": self.finetunes}, walkers, triggers)
         for w in self.walkers.values():
             _restart_uncertainty(w)
 
@@ -394,8 +397,7 @@ class Campaign:
         fh = bar = log = None
         if self.root:
             if log_path.exists():  # resumed: steps after the checkpoint are re-run, so their old rows go
-                _truncate_log(log_path, json.loads((self.output / "campaign.json").read_text())["steps"]
-                              if (self.output / "campaign.json").exists() else {})
+                truncate_log(log_path, STEP_FIELDS, read_checkpoint(self.output).get("steps", {}))
             new_log = not log_path.exists()
             fh = open(log_path, "a", newline="")
             log = csv.DictWriter(fh, STEP_FIELDS)
@@ -403,24 +405,28 @@ class Campaign:
                 log.writeheader()
             done = sum(min(int(v), cfg.steps) for v in self._read_state().get("steps", {}).values())
             bar = tqdm(total=cfg.steps * cfg.walkers, initial=done, disable=not cfg.progress, desc="almd run", unit="step")
-        busy = True
+        busy, stopped = True, None
         try:
-            while busy:
-                rows, busy = self._round()
-                self.rounds += 1
-                if self.root:
-                    for r in rows:
-                        log.writerow({**r, "labels": len(self.database), "model_version": self.model_version})
-                    bar.update(sum(r["action"] != "brake" for r in rows))
-                    bar.set_postfix(labels=len(self.database))
-                if self.rounds % cfg.checkpoint_every == 0 or not busy:
+            with StopRequest() as stop:
+                while busy and stopped is None:
+                    rows, busy = self._round()
+                    self.rounds += 1
                     if self.root:
-                        fh.flush()
-                    self.checkpoint()
+                        for r in rows:
+                            log.writerow({**r, "labels": len(self.database), "model_version": self.model_version})
+                        fh.flush()  # a kill loses no row of a finished step
+                        bar.update(sum(r["action"] != "brake" for r in rows))
+                        bar.set_postfix(labels=len(self.database))
+                    # every rank learns of a signal that reached any of them, in the same round
+                    if self.comm.allreduce(int(stop.signal is not None)):
+                        stopped = self.comm.bcast(stop.signal or "a signal on another rank")
+                    if self.rounds % cfg.checkpoint_every == 0 or not busy or stopped is not None:
+                        self.checkpoint()
         finally:
             if self.root:
                 bar.close()
                 fh.close()
+                self.lock.release()
         rmse = self.held_out_force_rmse() if self.root else None
         rolling = self.comm.gather({k: t.rolling_mean for k, t in self.triggers.items()})
         steps = self.comm.gather({k: w.step for k, w in self.walkers.items()})
@@ -432,7 +438,7 @@ class Campaign:
                               failures, self.calls, self.brakes, converged == self.comm.size,
                               self.model_version, time.perf_counter() - t0, self.output, rmse,
                               {k: v for part in rolling for k, v in part.items()}, self.backbone,
-                              len(self.finetunes))
+                              len(self.finetunes), stopped)
 
     def held_out_force_rmse(self) -> float:
         """Force RMSE (eV/Å) of the ensemble mean on the labels it was not fitted on (rank 0)."""
@@ -457,15 +463,6 @@ def _restart_uncertainty(walker: Walker) -> None:
         calc.align_schedule(walker.step)
     else:
         calc.reset()
-
-
-def _truncate_log(path: Path, steps: dict[str, int]) -> None:
-    with open(path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= int(steps.get(r["walker"], 0))]
-    with open(path, "w", newline="") as fh:
-        log = csv.DictWriter(fh, STEP_FIELDS)
-        log.writeheader()
-        log.writerows(rows)
 
 
 def run(config: CampaignConfig | str | Path) -> CampaignResult:

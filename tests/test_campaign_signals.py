@@ -1,0 +1,160 @@
+"""A campaign under a scheduler: real signals, real SIGKILL, a lock on the run directory, a torn log."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from almd.campaign.state import RunLock, RunLocked, truncate_log
+
+STEPS = 16
+CAMPAIGN = """
+[system]
+supercell = [1, 1, 1]
+[model]
+members = 2
+[md]
+temperature = 1200
+timestep = 2.0
+seed = 4
+[trigger]
+window = 20
+min_history = 3
+abs_cap = 0.04
+min_spacing = 4
+[learning]
+initial_labels = 2
+initial_calibration = 1
+[run]
+steps = {steps}
+checkpoint_every = 100
+output = "{output}"
+progress = false
+"""
+
+
+def campaign_file(folder: Path) -> Path:
+    path = folder / "campaign.toml"
+    path.write_text(CAMPAIGN.format(steps=STEPS, output=folder / "run"))
+    return path
+
+
+def almd_run(toml: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "almd.cli", "run", str(toml)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def logged_steps(run: Path) -> int:
+    try:
+        with open(run / "steps.csv") as fh:
+            return sum(1 for _ in csv.DictReader(fh))
+    except FileNotFoundError:
+        return 0
+
+
+def wait_for_steps(proc: subprocess.Popen, run: Path, n: int, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while logged_steps(run) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, "the campaign made no progress"
+        time.sleep(0.05)
+
+
+def outcome(run: Path) -> tuple:
+    """What an uninterrupted run and an interrupted-then-resumed one must share to the last bit."""
+    import ase.db
+
+    with open(run / "steps.csv") as fh:
+        log = [(r["walker"], r["step"], r["energy"], r["score"], r["action"]) for r in csv.DictReader(fh)]
+    rows = list(ase.db.connect(run / "labels.db").select())
+    hashes = [r.content_hash for r in rows]
+    return json.loads((run / "walker-0.json").read_text()), log, sorted(hashes), len(hashes) == len(set(hashes))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("straight")
+    proc = almd_run(campaign_file(folder))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return outcome(folder / "run")
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_checkpoints_and_the_resumed_run_is_identical(uninterrupted, tmp_path, name):
+    toml = campaign_file(tmp_path)
+    proc = almd_run(toml)
+    wait_for_steps(proc, tmp_path / "run", 5)
+    os.kill(proc.pid, getattr(signal, name))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    (line,) = out.strip().splitlines()
+    assert line.startswith(f"almd run: stopped by {name}") and "run the same command again" in line
+    stopped_at = json.loads((tmp_path / "run" / "campaign.json").read_text())["steps"]["0"]
+    assert 5 <= stopped_at < STEPS  # a checkpoint where the signal came, not at checkpoint_every
+
+    again = almd_run(toml)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    walker, log, hashes, unique = outcome(tmp_path / "run")
+    assert unique and (walker, log, hashes) == uninterrupted[:3]
+
+
+def test_sigkill_during_md_loses_no_label_and_computes_none_twice(uninterrupted, tmp_path):
+    toml = campaign_file(tmp_path)
+    proc = almd_run(toml)
+    wait_for_steps(proc, tmp_path / "run", 9)  # past the first trigger calls, no checkpoint yet
+    proc.kill()
+    proc.wait()
+    again = almd_run(toml)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    walker, log, hashes, unique = outcome(tmp_path / "run")
+    assert unique and (walker, log, hashes) == uninterrupted[:3]
+
+
+def test_a_second_process_on_the_directory_is_refused(tmp_path):
+    toml = campaign_file(tmp_path)
+    first = almd_run(toml)
+    try:
+        wait_for_steps(first, tmp_path / "run", 1)
+        second = almd_run(toml)
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2, err
+        assert f"in use by pid {first.pid}" in out and "almd.lock" in out
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_dead_process_lock_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (tmp_path / "almd.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                                    "started": "earlier"}))
+    with RunLock(tmp_path) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "almd.lock").exists()
+    (tmp_path / "almd.lock").write_text(json.dumps({"pid": 1, "host": "another-node", "started": "earlier"}))
+    with pytest.raises(RunLocked, match="pid 1 on another-node"):
+        RunLock(tmp_path).acquire()
+
+
+def test_a_torn_last_line_of_the_log_is_dropped_on_resume(tmp_path):
+    fields = ("walker", "step", "energy")
+    path = tmp_path / "steps.csv"
+    path.write_text("walker,step,energy\r\n0,1,-1.5\r\n0,2,-1.6\r\n0,3,-1.")  # killed mid-write
+    truncate_log(path, fields, {"0": 5})
+    assert path.read_bytes() == b"walker,step,energy\r\n0,1,-1.5\r\n0,2,-1.6\r\n"
+    truncate_log(path, fields, {"0": 1})
+    assert path.read_bytes() == b"walker,step,energy\r\n0,1,-1.5\r\n"
