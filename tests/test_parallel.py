@@ -64,3 +64,31 @@ def test_two_ranks_reproduce_the_serial_campaign(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     for name in ("walker-0.json", "walker-1.json", "steps.csv"):
         assert (tmp_path / "mpi" / name).read_text() == (serial / name).read_text(), name
+
+
+def test_an_error_on_one_rank_ends_the_whole_job_with_its_traceback(tmp_path):
+    """Rank 1 cannot read its walker's state while rank 0 goes on to a collective call:
+    without an abort the job would hang until the scheduler kills it.
+    """
+    import json
+    import time
+
+    mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    if mpiexec is None:
+        pytest.skip("no mpiexec (pip install mpich)")
+    toml = tmp_path / "campaign.toml"
+    toml.write_text(CAMPAIGN.format(output=tmp_path / "run").replace("steps = 10", "steps = 2"))
+    Campaign(CampaignConfig.from_toml(toml)).run()
+    checkpoint = tmp_path / "run" / "campaign.json"
+    state = json.loads(checkpoint.read_text())
+    del state["walkers"]["1"]["momenta"]  # walker 1 (rank 1's) is corrupt
+    checkpoint.write_text(json.dumps(state))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    out = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "almd.cli", "run", str(toml), "--steps", "6"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    elapsed = time.monotonic() - start
+    assert out.returncode != 0
+    assert "rank 1 of 2" in out.stderr and "WalkerError" in out.stderr and "momenta" in out.stderr
+    assert elapsed < 90  # start-up of two ranks included; a hang would run into the timeout

@@ -9,6 +9,7 @@ import sys
 
 from almd.campaign.config import CampaignConfig
 from almd.campaign.loop import Campaign
+from almd.campaign.parallel import abort, world
 
 __all__ = ["EXIT_STOPPED", "main"]
 
@@ -34,9 +35,11 @@ def main(argv: list[str]) -> int:
         if overrides:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
             cfg.validate()
-        result = Campaign(cfg).run()
+        comm = world()
+        result = Campaign(cfg, comm).run()
     except (ConfigError, UnknownElementError, FileNotFoundError) as exc:
-        print(f"almd run: error: {exc}")
+        print(f"almd run: error: {exc}", flush=True)
+        abort(world(), f"almd run: error: {exc}", status=2)  # the other ranks may wait for this one
         return 2
     if result is not None and result.stopped:
         steps = ", ".join(f"walker {k} at step {v}" for k, v in sorted(result.steps.items()))

@@ -9,9 +9,11 @@ campaign has one code path.
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from typing import Any
 
-__all__ = ["owned", "SerialComm", "world"]
+__all__ = ["abort", "owned", "SerialComm", "world"]
 
 
 class SerialComm:
@@ -45,7 +47,30 @@ def world() -> Any:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    return comm if comm.Get_size() > 1 else SerialComm()
+    if comm.Get_size() == 1:
+        return SerialComm()
+    sys.excepthook = _abort_on_exception(comm)
+    return comm
+
+
+def abort(comm: Any, message: str, status: int = 1) -> None:
+    """Print ``message`` (with the rank) and end every rank of the job now.
+
+    An error seen by one rank would otherwise leave the others waiting in a
+    collective call for ever; a serial run just returns.
+    """
+    if getattr(comm, "size", 1) > 1:
+        print(f"almd (rank {comm.rank} of {comm.size}): {message}", file=sys.stderr, flush=True)
+        comm.Abort(status)
+
+
+def _abort_on_exception(comm: Any) -> Any:
+    """An excepthook that prints the failing rank's traceback, then aborts the whole MPI job."""
+    def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        text = "".join(traceback.format_exception(kind, exc, tb))
+        abort(comm, f"uncaught exception, ending the job:\n{text}")
+
+    return hook
 
 
 def owned(n_items: int, comm: Any) -> list[int]:
