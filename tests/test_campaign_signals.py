@@ -41,9 +41,9 @@ progress = false
 """
 
 
-def campaign_file(folder: Path) -> Path:
+def campaign_file(folder: Path, steps: int = STEPS) -> Path:
     path = folder / "campaign.toml"
-    path.write_text(CAMPAIGN.format(steps=STEPS, output=folder / "run"))
+    path.write_text(CAMPAIGN.format(steps=steps, output=folder / "run"))
     return path
 
 
@@ -123,7 +123,7 @@ def test_sigkill_during_md_loses_no_label_and_computes_none_twice(uninterrupted,
 
 
 def test_a_second_process_on_the_directory_is_refused(tmp_path):
-    toml = campaign_file(tmp_path)
+    toml = campaign_file(tmp_path, steps=100_000)  # still running when the second one starts
     first = almd_run(toml)
     try:
         wait_for_steps(first, tmp_path / "run", 1)
@@ -158,3 +158,21 @@ def test_a_torn_last_line_of_the_log_is_dropped_on_resume(tmp_path):
     assert path.read_bytes() == b"walker,step,energy\r\n0,1,-1.5\r\n0,2,-1.6\r\n"
     truncate_log(path, fields, {"0": 1})
     assert path.read_bytes() == b"walker,step,energy\r\n0,1,-1.5\r\n"
+
+
+def test_a_moved_run_directory_resumes_from_itself(uninterrupted, tmp_path):
+    """`almd run --resume RUN_DIR` takes its settings from the folder, wherever it now is."""
+    import shutil
+
+    toml = campaign_file(tmp_path)
+    first = subprocess.run([sys.executable, "-m", "almd.cli", "run", str(toml), "--steps", "6"],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert first.returncode == 0, first.stderr
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.move(tmp_path / "run", moved)
+    toml.unlink()  # the folder alone must do
+    again = subprocess.run([sys.executable, "-m", "almd.cli", "run", "--resume", str(moved), "--steps", str(STEPS)],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr
+    walker, log, hashes, unique = outcome(moved)
+    assert unique and (walker, log, hashes) == uninterrupted[:3]

@@ -38,3 +38,19 @@ def test_demo_runs_offline_and_two_routes_agree(tmp_path):
     line = next(l for l in out.stdout.splitlines() if l.startswith("ω(Γ)"))
     _, by_displacement, by_hvp = line.split()[-3:]
     assert abs(float(by_displacement) - float(by_hvp)) < 0.05
+
+
+def test_a_bad_campaign_is_one_line_rc_2_and_creates_nothing(tmp_path):
+    cases = {
+        "reference.calculator = 'stillinger-weber-sii'": '[reference]\ncalculator = "stillinger-weber-sii"\n',
+        "model.backbone = 'sevennet-99'": '[model]\nbackbone = "sevennet-99"\n',
+        "unknown key 'md.temprature'": "[md]\ntemprature = 300\n",
+    }
+    for expected, text in cases.items():
+        toml = tmp_path / "campaign.toml"
+        toml.write_text(text + f'[run]\noutput = "{tmp_path / "run"}"\n')
+        out = run("run", str(toml), cwd=tmp_path)
+        assert out.returncode == 2, out.stderr
+        (line,) = out.stdout.strip().splitlines()
+        assert line.startswith("almd run: error: ") and expected in line
+        assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from almd.campaign.config import CampaignConfig
 from almd.campaign.loop import Campaign
@@ -26,11 +27,18 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="almd run", description="Run or resume an active-learning MD campaign. "
                                 "Without a file: the built-in Si campaign (SevenNet-0 ensemble, Stillinger–Weber reference).")
     p.add_argument("campaign", nargs="?", help="campaign TOML ([system] [model] [reference] [md] [trigger] [learning] [run] [finetune])")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the campaign of a run directory (moved or copied ones too) "
+                   "with the settings it holds")
     p.add_argument("--steps", type=int, help="override run.steps")
     p.add_argument("--output", help="override run.output")
     args = p.parse_args(argv)
+    if args.resume and (args.campaign or args.output):
+        p.error("--resume takes the settings and the output folder from RUN_DIR: give no campaign file or --output")
     try:
-        cfg = CampaignConfig.from_toml(args.campaign) if args.campaign else CampaignConfig()
+        if args.resume:
+            cfg, args.output = _stored_config(Path(args.resume)), args.resume
+        else:
+            cfg = CampaignConfig.from_toml(args.campaign) if args.campaign else CampaignConfig()
         overrides = {k: v for k, v in (("steps", args.steps), ("output", args.output)) if v is not None}
         if overrides:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
@@ -49,6 +57,19 @@ def main(argv: list[str]) -> int:
     if result is not None:  # rank 0 reports
         print(json.dumps(result.summary(), indent=1))
     return 0
+
+
+def _stored_config(run_dir: Path) -> CampaignConfig:
+    """The settings a run directory's checkpoint was made with."""
+    from almd.campaign.state import read_checkpoint
+    from almd.settings import ConfigError
+
+    if not (run_dir / "campaign.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: no campaign.json there; give the folder a campaign wrote (its run.output)")
+    stored = read_checkpoint(run_dir)["config"]
+    # None marks a default that TOML cannot spell: leave it to the default again
+    return CampaignConfig.from_dict({name: {k: v for k, v in section.items() if v is not None}
+                                     for name, section in stored.items()})
 
 
 if __name__ == "__main__":

@@ -110,6 +110,7 @@ class CampaignConfig(TomlSettings):
 
     def validate(self) -> None:
         s, m, le, r = self.system, self.model, self.learning, self.run
+        self._validate_names()
         if s.structure not in BUILTIN_STRUCTURES and not Path(s.structure).exists():
             raise bad("system.structure", s.structure,
                       f"give a built-in ({', '.join(BUILTIN_STRUCTURES)}) or an existing structure file")
@@ -157,3 +158,19 @@ class CampaignConfig(TomlSettings):
         if ft.strategy == "freeze" and not freeze:
             raise bad("finetune.freeze", freeze, "strategy 'freeze' needs layer groups to keep fixed "
                       "(e.g. [\"embedding\"]; almd.potentials.adapters.layer_groups lists a model's)")
+
+    def _validate_names(self) -> None:
+        """The reference calculator and the backbone exist, checked before any file is made."""
+        from almd.references import OracleConfigError, resolve_spec
+
+        try:
+            resolve_spec(self.reference.calculator, **self.reference.options)
+        except OracleConfigError as exc:
+            raise ConfigError(f"reference.calculator = {self.reference.calculator!r}: {exc}") from None
+        backbone = self.model.backbone
+        if not Path(backbone).is_file():
+            from almd.potentials.sevennet import PRETRAINED
+
+            if backbone.lower() not in PRETRAINED:
+                raise bad("model.backbone", backbone,
+                          f"a model file, or a pretrained name: {', '.join(PRETRAINED)}")

@@ -146,7 +146,7 @@ class Campaign:
         self.rounds = state.get("rounds", 0)  # lockstep rounds: checkpoints fall on multiples of checkpoint_every
         # frames at or before a walker's last call were ranked then; later calls look only after it
         self.last_call = {int(k): v for k, v in state.get("last_call", {}).items()}
-        self.backbone = state.get("backbone", cfg.model.backbone)  # a fine-tuned model file after a round
+        self.backbone = _moved(state.get("backbone", cfg.model.backbone), self.output)  # a model file after a round
         self.since_finetune = state.get("labels_since_finetune", 0)  # new training labels since then
         self.finetunes: list[dict[str, Any]] = state.get("finetunes", [])
         self.ensemble = self._ensemble()
@@ -289,7 +289,7 @@ class Campaign:
         """Walkers compute with ``ensemble`` from here on (fresh calculators, as after a restart)."""
         self.ensemble = ensemble
         for w in self.walkers.values():
-            w.calculator = w.atoms.calc = self._calculator()
+            w.calculator = self._calculator()
 
     # ------------------------------------------------------------ the loop
     def _request(self, k: int, decision: Decision, brake_frame: Frame | None) -> LabelRequest:
@@ -447,9 +447,18 @@ class Campaign:
 
 
 def _resumable(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings a resumed campaign must share with the stored one (it may run longer, or quieter)."""
-    run = {k: v for k, v in config.get("run", {}).items() if k not in ("steps", "progress")}
+    """The settings a resumed campaign must share with the stored one."""
+    # it may run longer or quieter, and its folder may have been moved or copied
+    run = {k: v for k, v in config.get("run", {}).items() if k not in ("steps", "progress", "output")}
     return {**config, "run": run}
+
+
+def _moved(backbone: str, output: Path) -> str:
+    """A fine-tuned backbone of this campaign (``models/``), found again in a run folder moved elsewhere."""
+    here = output / "models" / Path(backbone).name
+    if not Path(backbone).is_file() and Path(backbone).parent.name == "models" and here.is_file():
+        return str(here)
+    return backbone
 
 
 def _restart_uncertainty(walker: Walker) -> None:

@@ -140,7 +140,6 @@ class Walker:
                  name: str = "walker-0", state: WalkerState | None = None):
         self.settings = s = settings or WalkerSettings()
         self.name = name
-        self.calculator = calculator
         self.rng = np.random.default_rng(s.seed)
         if state is None:
             self.atoms = atoms.copy()
@@ -156,7 +155,7 @@ class Walker:
             self.rng.bit_generator.state = state.rng
             if self.atoms.numbers.tolist() != atoms.numbers.tolist():
                 raise WalkerError(f"{name}: the saved state has other atoms than the structure given")
-        self.atoms.calc = calculator
+        self.calculator = calculator
         self.dynamics = self._integrator()
         self.frames: deque[Frame] = deque(maxlen=s.keep)
         self._trusted = self.state()
@@ -176,6 +175,15 @@ class Walker:
         from ase.md.verlet import VelocityVerlet
 
         return VelocityVerlet(self.atoms, s.timestep * units.fs, comm=DummyMPI())
+
+    @property
+    def calculator(self) -> AseCalculator:
+        """The calculator the walker's atoms carry (one place: ``atoms.calc``)."""
+        return self.atoms.calc
+
+    @calculator.setter
+    def calculator(self, calculator: AseCalculator) -> None:
+        self.atoms.calc = calculator
 
     # ---------------------------------------------------------------- state
     def state(self) -> WalkerState:

@@ -58,11 +58,8 @@ class LossConfig:
     stress: float = 5.0
     hessian: float = 100.0
     #: λ_3 of the third-order term, the MAE of the odd Hessian part (H(x+u) − H(x−u))/2
-    #: against Φ3·u. Negative: 100·λ_Φ. That part is ~u·Φ3, so its gradient is far smaller
-    #: than a harmonic column's; at λ_Φ the harmonic steps set Adam's step size and 100
-    #: steps left Si's spurious second/third-shell fc3 (and κ) where they were; in 260
-    #: steps at 30–300·λ_Φ κ rose 51 → 90 W/m·K (DFT 119.5) while the harmonic errors
-    #: stayed ≥ 90 % below SevenNet-0's (benchmarks/RESULTS.md)
+    #: against Φ3·u. Negative: 100·λ_Φ, because that part is ~u·Φ3 and its gradient far
+    #: smaller than a harmonic column's (the history of this default: benchmarks/RESULTS.md)
     third_order: float = -1.0
     replay_ratio: int = 4  #: replay steps after each phonon step (with replay data)
     huber_delta: float = 0.1
@@ -82,8 +79,7 @@ class OptimConfig:
     #: "delta" (0 otherwise). AdamW's decoupled weight decay pulls Δω by only lr·wd per step,
     #: too little to make ω₀ + Δω train differently from full fine-tuning; the gradient
     #: 2λ_Δ·Δω of this term competes with the data's, so a weight settles where
-    #: |∂L/∂ω| = 2λ_Δ|Δω|. On NaCl (PFT's loss weights) λ_Δ = 1 held the force error at 2×
-    #: full fine-tuning's, 0.01 came within 7 % of it (benchmarks/RESULTS.md).
+    #: |∂L/∂ω| = 2λ_Δ|Δω| (the NaCl measurements behind 0.01: benchmarks/RESULTS.md).
     delta_l2: float = -1.0
 
 

@@ -90,8 +90,8 @@ def hessian_vector_products(potential: Potential, graph: Graph, vectors: torch.T
     """H·v for a stack of ``k`` displacement fields ``vectors`` (k, n, 3) at one geometry.
 
     One forward and one gradient with ``create_graph``, then one second backward per
-    vector. ``chunk > 1`` vmaps that many at once; on CPU this measured slower than the
-    loop (8-atom Si: 11 s looped, 14 s in chunks of 8), so the loop is the default.
+    vector. ``chunk > 1`` vmaps that many at once; on CPU that is slower than the loop
+    (benchmarks/RESULTS.md), so the loop is the default.
     Returns (k, n, 3).
     """
     graph.requires_grad_(positions=True, strain=False)

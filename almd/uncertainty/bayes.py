@@ -8,11 +8,10 @@ variance, whose largest square root is the score that drives the trigger.
 
 Units: forces eV/Å, displacements Å, force constants eV/Å^n, β in (eV/Å)^-2.
 
-Speed: hiphive's ``ForceConstantModel.get_fit_matrix`` costs ~60 ms (after a
-~20 s numba warm-up) for a 64-atom supercell. ``_SupercellBasis`` expands the
-per-eigentensor force constants of one ideal supercell once into sparse
-matrices; a design block is then one or two sparse products (~4 ms), equal to
-hiphive's fit matrix to round-off (tested). Convergence from sub-blocks of
+Speed: ``_SupercellBasis`` expands the per-eigentensor force constants of one
+ideal supercell once into sparse matrices, so a design block is one or two
+sparse products instead of hiphive's ``get_fit_matrix`` per frame (equal to it
+to round-off, tested; the timings are in benchmarks/RESULTS.md). Convergence from sub-blocks of
 larger-supercell MD (no new DFT): :mod:`almd.uncertainty.bayes_convergence`.
 """
 

@@ -103,8 +103,8 @@ def subblock_errors(model: BayesianForceConstantModel, frames: Sequence[Atoms] |
     ``model.include_noise`` the noise 1/β is included, which does not fall with
     more data, so convergence targets must then lie above it). ``frames`` are
     displaced copies of ``ideal``, a supercell of the model's primitive cell of
-    any size (its basis is built once and cached by the model; ~10 s for 216 or
-    512 Si atoms with cutoffs [5, 4] Å). ``block``: see :func:`block_labels`.
+    any size (its basis is built once and cached by the model). ``block``: see
+    :func:`block_labels`.
     """
     if isinstance(frames, Atoms):
         frames = [frames]
@@ -128,8 +128,7 @@ class SubblockConvergence:
     would barely change the predictions. It says nothing about the misfit of the
     expansion itself (cutoffs, highest order): that floor is estimated by
     ``noise``, √(1/β) of the evidence fit, which does not fall with more data
-    (measured on SW Si: sub-block error 0.018 → 0.0065 eV/Å from 1 to 12
-    structures while the true force RMSE stayed at ~0.012 eV/Å).
+    (benchmarks/RESULTS.md shows it on Stillinger–Weber Si).
     """
 
     errors: np.ndarray  #: (n_frames, n_blocks) sub-block errors
