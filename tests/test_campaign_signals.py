@@ -86,7 +86,7 @@ def uninterrupted(tmp_path_factory):
     proc = almd_run(campaign_file(folder))
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
-    return outcome(folder / "run")
+    return (*outcome(folder / "run"), folder / "run")
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
@@ -176,3 +176,24 @@ def test_a_moved_run_directory_resumes_from_itself(uninterrupted, tmp_path):
     assert again.returncode == 0, again.stderr
     walker, log, hashes, unique = outcome(moved)
     assert unique and (walker, log, hashes) == uninterrupted[:3]
+
+
+def test_the_run_summary_adds_up_and_is_rebuilt_from_the_folder_alone(uninterrupted):
+    import ase.db
+
+    from almd.campaign.report import summarise
+
+    run = uninterrupted[-1]
+    written = json.loads((run / "summary.json").read_text())
+    assert summarise(run) == written  # steps.csv, labels.db and campaign.json are enough
+    (run / "summary.json").unlink()
+    out = subprocess.run([sys.executable, "-m", "almd.cli", "report", str(run)], capture_output=True, text=True)
+    assert out.returncode == 0 and json.loads(out.stdout) == written == json.loads((run / "summary.json").read_text())
+    rows = list(ase.db.connect(run / "labels.db").select())
+    calls = written["oracle_calls"]
+    assert calls["total"] == len(rows) == calls["bootstrap"] + calls["trigger"] + calls["brake"]
+    assert calls["bootstrap"] == 3 and written["oracle_failures"] == 0  # 2 initial labels + 1 calibration
+    assert written["md_steps"] == STEPS and 0 < written["fraction_steps_without_oracle"] < 1
+    assert written["heldout_frames"] >= 1
+    assert written["heldout_force_rmse_eV_A"] > 0 and written["heldout_force_rmse_base_eV_A"] > 0
+    assert all(written["wall_time_s"][stage] > 0 for stage in ("md_and_uncertainty", "reference", "refit"))

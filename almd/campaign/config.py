@@ -22,13 +22,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from almd.campaign.trigger import TriggerSettings
 from almd.campaign.walker import WalkerSettings
 from almd.settings import ConfigError, TomlSettings, bad
 
-__all__ = [
+if TYPE_CHECKING:
+    from ase import Atoms
+
+__all__ = ["starting_structure",
     "BUILTIN_STRUCTURES", "CampaignConfig", "FINETUNE_STRATEGIES", "FinetuneSettings", "LearningConfig",
     "ModelConfig", "ReferenceConfig", "RunConfig", "SystemConfig",
 ]
@@ -174,3 +177,20 @@ class CampaignConfig(TomlSettings):
             if backbone.lower() not in PRETRAINED:
                 raise bad("model.backbone", backbone,
                           f"a model file, or a pretrained name: {', '.join(PRETRAINED)}")
+
+
+def starting_structure(config: CampaignConfig) -> "Atoms":
+    """The campaign's start: a built-in crystal or a file, repeated, optionally rattled."""
+    s = config.system
+    if s.structure == "si":
+        from ase.build import bulk
+
+        atoms = bulk("Si", "diamond", a=5.431, cubic=True)
+    else:
+        from ase.io import read
+
+        atoms = read(s.structure)
+    atoms = atoms.repeat(s.supercell * 3 if len(s.supercell) == 1 else s.supercell)
+    if s.rattle > 0:
+        atoms.rattle(s.rattle, seed=config.md.seed)
+    return atoms

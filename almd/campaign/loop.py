@@ -26,9 +26,11 @@ checkpoint and return (``CampaignResult.stopped`` names the signal).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,34 +38,26 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
-from almd.campaign.config import CampaignConfig
+from almd.campaign.config import CampaignConfig, starting_structure
 from almd.campaign.selection import select_frames
-from almd.campaign.state import RunLock, StopRequest, read_checkpoint, truncate_log, write_checkpoint
+from almd.campaign.state import (
+    RunLock,
+    StopRequest,
+    moved_backbone,
+    read_checkpoint,
+    resumable,
+    truncate_log,
+    update_checkpoint,
+    write_checkpoint,
+)
 from almd.campaign.trigger import Decision, Trigger
 from almd.campaign.walker import Frame, StepRecord, Walker, WalkerState
 from almd.structures import bare
 
-__all__ = ["Campaign", "CampaignResult", "LabelRequest", "run", "starting_structure", "STEP_FIELDS"]
+__all__ = ["Campaign", "CampaignResult", "LabelRequest", "run", "STEP_FIELDS"]
 
 STEP_FIELDS = ("walker", "step", "energy", "temperature", "max_force", "score", "action", "reasons",
                "rolling_mean", "labels", "model_version")
-
-
-def starting_structure(config: CampaignConfig) -> Atoms:
-    """The campaign's start: a built-in crystal or a file, repeated, optionally rattled."""
-    s = config.system
-    if s.structure == "si":
-        from ase.build import bulk
-
-        atoms = bulk("Si", "diamond", a=5.431, cubic=True)
-    else:
-        from ase.io import read
-
-        atoms = read(s.structure)
-    atoms = atoms.repeat(s.supercell * 3 if len(s.supercell) == 1 else s.supercell)
-    if s.rattle > 0:
-        atoms.rattle(s.rattle, seed=config.md.seed)
-    return atoms
 
 
 @dataclass
@@ -146,9 +140,11 @@ class Campaign:
         self.rounds = state.get("rounds", 0)  # lockstep rounds: checkpoints fall on multiples of checkpoint_every
         # frames at or before a walker's last call were ranked then; later calls look only after it
         self.last_call = {int(k): v for k, v in state.get("last_call", {}).items()}
-        self.backbone = _moved(state.get("backbone", cfg.model.backbone), self.output)  # a model file after a round
+        self.backbone = moved_backbone(state.get("backbone", cfg.model.backbone), self.output)  # a model file after a round
         self.since_finetune = state.get("labels_since_finetune", 0)  # new training labels since then
         self.finetunes: list[dict[str, Any]] = state.get("finetunes", [])
+        self.timings: dict[str, float] = dict(state.get("timings", {}))  # s per stage (report.STAGES), on rank 0
+        self.converged_at: dict[str, int] = dict(state.get("converged_at", {}))  # walker -> step
         self.ensemble = self._ensemble()
         self.local = owned(cfg.run.walkers, self.comm)
         self.walkers = {k: self._walker(k) for k in self.local}
@@ -156,12 +152,20 @@ class Campaign:
         for w in self.walkers.values():
             _restart_uncertainty(w)
 
+    @contextlib.contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
     # ------------------------------------------------------------ set-up / resume
     def _read_state(self) -> dict[str, Any]:
         state = read_checkpoint(self.output)
         if not state:
             return {}
-        if _resumable(state.get("config", {})) != _resumable(self.config.to_dict()):
+        if resumable(state.get("config", {})) != resumable(self.config.to_dict()):
             from almd.settings import ConfigError
 
             raise ConfigError(f"{self.output} holds a campaign with other settings; "
@@ -242,7 +246,8 @@ class Campaign:
         provenance = [{"walker": walker, "step": step, "source": reason, "model_version": self.model_version,
                        **({} if s is None else {"uncertainty": float(s)}), **({} if sp is None else {"split": sp})}
                       for s, sp in zip(scores, splits)]
-        return self.labeller.labelled(frames, provenance)
+        with self._timed("reference"):
+            return self.labeller.labelled(frames, provenance)
 
     def _refit(self, ensemble, labelled: list[Atoms]) -> None:
         """Heads refitted with the new training labels; calibration updated with the held-out ones.
@@ -252,11 +257,12 @@ class Campaign:
         """
         train = [a for a in labelled if a.info["split"] == "train"]
         held_out = [a for a in labelled if a.info["split"] != "train"]
-        if train:
-            ensemble.fit(train, append=True)
-            self.since_finetune += len(train)
-        if held_out:
-            ensemble.calibrate(held_out)
+        with self._timed("refit"):
+            if train:
+                ensemble.fit(train, append=True)
+                self.since_finetune += len(train)
+            if held_out:
+                ensemble.calibrate(held_out)
         self.model_version += 1
 
     def _serve(self, requests: list[LabelRequest]) -> bool:
@@ -279,8 +285,9 @@ class Campaign:
         from almd.campaign.finetune_round import finetune_round
 
         self.model_version += 1
-        path, ensemble, record = finetune_round(self.config, self.database, self.ensemble, self.backbone,
-                                                self.model_version, self.output)
+        with self._timed("finetune"):
+            path, ensemble, record = finetune_round(self.config, self.database, self.ensemble, self.backbone,
+                                                    self.model_version, self.output)
         self.backbone, self.since_finetune = str(path), 0
         self.finetunes.append(record)
         self._use(ensemble)
@@ -331,7 +338,10 @@ class Campaign:
         for k, w in self.walkers.items():
             if w.step >= cfg.steps or self.triggers[k].converged:
                 continue
-            record, decision, request = self.step(k)
+            with self._timed("md_and_uncertainty"):
+                record, decision, request = self.step(k)
+            if self.triggers[k].converged:
+                self.converged_at.setdefault(str(k), record.step)
             rows.append({"walker": k, "step": record.step, "energy": record.energy,
                          "temperature": record.temperature, "max_force": record.max_force, "score": record.score,
                          "action": decision.action.value, "reasons": "+".join(decision.reasons),
@@ -380,7 +390,8 @@ class Campaign:
                 "config": self.config.to_dict(), "model_version": self.model_version, "calls": self.calls,
                 "brakes": self.brakes, "rounds": self.rounds, "last_call": last_call, "steps": steps,
                 "backbone": self.backbone, "labels_since_finetune": self.since_finetune,
-                "finetunes": self.finetunes}, walkers, triggers)
+                "finetunes": self.finetunes, "timings": self.timings, "converged_at": self.converged_at},
+                walkers, triggers)
         for w in self.walkers.values():
             _restart_uncertainty(w)
 
@@ -434,11 +445,26 @@ class Campaign:
         if not self.root:
             return None
         failures = len(self.database.failures())
+        self._record_outcome(rmse, converged == self.comm.size)
         return CampaignResult({k: v for part in steps for k, v in part.items()}, len(self.database) - failures,
                               failures, self.calls, self.brakes, converged == self.comm.size,
                               self.model_version, time.perf_counter() - t0, self.output, rmse,
                               {k: v for part in rolling for k, v in part.items()}, self.backbone,
                               len(self.finetunes), stopped)
+
+    def _record_outcome(self, rmse: float, converged: bool) -> None:
+        """Held-out errors (final and base model), convergence, then ``summary.json`` (rank 0)."""
+        from almd.campaign.report import write_summary
+        from almd.potentials.calculator import Calculator
+
+        held = self.database.validation_set()
+        base = Calculator(self.config.model.backbone, dtype=self.config.model.dtype)
+        errors = [np.asarray(a.get_forces()) - base.get_forces(bare(a)) for a in held]
+        base_rmse = float(np.sqrt(np.mean(np.concatenate(errors) ** 2))) if errors else float("nan")
+        at = [self.converged_at.get(str(k)) for k in range(self.config.run.walkers)]
+        update_checkpoint(self.output, heldout={"frames": len(held), "final": _finite(rmse), "base": _finite(base_rmse)},
+                          converged=converged, converged_at_step=max(at) if converged and None not in at else None)
+        write_summary(self.output)
 
     def held_out_force_rmse(self) -> float:
         """Force RMSE (eV/Å) of the ensemble mean on the labels it was not fitted on (rank 0)."""
@@ -446,19 +472,8 @@ class Campaign:
         return float(np.sqrt(np.mean(np.concatenate(errors) ** 2))) if errors else float("nan")
 
 
-def _resumable(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings a resumed campaign must share with the stored one."""
-    # it may run longer or quieter, and its folder may have been moved or copied
-    run = {k: v for k, v in config.get("run", {}).items() if k not in ("steps", "progress", "output")}
-    return {**config, "run": run}
-
-
-def _moved(backbone: str, output: Path) -> str:
-    """A fine-tuned backbone of this campaign (``models/``), found again in a run folder moved elsewhere."""
-    here = output / "models" / Path(backbone).name
-    if not Path(backbone).is_file() and Path(backbone).parent.name == "models" and here.is_file():
-        return str(here)
-    return backbone
+def _finite(value: float) -> float | None:
+    return value if np.isfinite(value) else None  # JSON has no nan
 
 
 def _restart_uncertainty(walker: Walker) -> None:

@@ -25,8 +25,8 @@ from typing import Any
 from almd.io import atomic_write
 from almd.settings import ConfigError
 
-__all__ = ["RunLocked", "RunLock", "StopRequest", "STOP_SIGNALS", "read_checkpoint", "truncate_log",
-           "write_checkpoint"]
+__all__ = ["RunLocked", "RunLock", "StopRequest", "STOP_SIGNALS", "moved_backbone", "read_checkpoint", "resumable",
+           "truncate_log", "update_checkpoint", "write_checkpoint"]
 
 #: the signals a scheduler sends before it ends a job (SIGUSR1: Slurm's ``--signal``)
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
@@ -147,6 +147,13 @@ def write_checkpoint(output: Path, ensemble: Any, state: dict[str, Any], walkers
     return generation
 
 
+def update_checkpoint(output: Path, **fields: Any) -> None:
+    """Add ``fields`` (JSON-able) to the current checkpoint, atomically (the outcome of a finished run)."""
+    state = read_checkpoint(output)
+    state.update(fields)
+    atomic_write(Path(output) / "campaign.json", json.dumps(state, indent=1))
+
+
 def read_checkpoint(output: Path) -> dict[str, Any]:
     """The current checkpoint of ``output`` (empty before the first)."""
     path = Path(output) / "campaign.json"
@@ -174,3 +181,18 @@ def truncate_log(path: Path, fields: tuple[str, ...], steps: dict[str, int]) -> 
     log.writeheader()
     log.writerows(rows)
     atomic_write(path, buffer.getvalue())
+
+
+def resumable(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed campaign must share with the stored one."""
+    # it may run longer or quieter, and its folder may have been moved or copied
+    run = {k: v for k, v in config.get("run", {}).items() if k not in ("steps", "progress", "output")}
+    return {**config, "run": run}
+
+
+def moved_backbone(backbone: str, output: Path) -> str:
+    """A fine-tuned backbone of this campaign (``models/``), found again in a run folder moved elsewhere."""
+    here = output / "models" / Path(backbone).name
+    if not Path(backbone).is_file() and Path(backbone).parent.name == "models" and here.is_file():
+        return str(here)
+    return backbone
