@@ -136,7 +136,6 @@ class Campaign:
         state = self.comm.bcast(state if self.root else None)
         self.state = state  # the checkpoint resumed from ({} for a new run)
         self.model_version = state.get("model_version", 0)
-        self.calls, self.brakes = state.get("calls", 0), state.get("brakes", 0)
         self.rounds = state.get("rounds", 0)  # lockstep rounds: checkpoints fall on multiples of checkpoint_every
         # frames at or before a walker's last call were ranked then; later calls look only after it
         self.last_call = {int(k): v for k, v in state.get("last_call", {}).items()}
@@ -353,18 +352,16 @@ class Campaign:
         if self.root:
             rows = [r for part, _ in gathered for r in part]
             requests = [q for _, part in gathered for q in part]
-            self.calls += len(requests)
-            self.brakes += sum(q.brake for q in requests)
             if self._serve(requests):
-                update = (self.ensemble.head_state(), self.model_version, self.calls, self.brakes, self.backbone)
+                update = (self.ensemble.head_state(), self.model_version, self.backbone)
         update = self.comm.bcast(update)
         if update is not None:
             if not self.root:
-                if update[4] != self.backbone:  # fine-tuned on rank 0: the same file for every rank
-                    self.backbone = update[4]
+                if update[2] != self.backbone:  # fine-tuned on rank 0: the same file for every rank
+                    self.backbone = update[2]
                     self._use(self._unfitted_ensemble())
                 self.ensemble.load_head_state(update[0])
-                self.model_version, self.calls, self.brakes = update[1:4]
+                self.model_version = update[1]
             for w in self.walkers.values():  # forces from the new model from here on
                 _restart_uncertainty(w)
         busy = any(w.step < cfg.steps and not self.triggers[k].converged for k, w in self.walkers.items())
@@ -387,8 +384,7 @@ class Campaign:
                     if call is not None:
                         last_call[k] = call
             write_checkpoint(self.output, self.ensemble, {
-                "config": self.config.to_dict(), "model_version": self.model_version, "calls": self.calls,
-                "brakes": self.brakes, "rounds": self.rounds, "last_call": last_call, "steps": steps,
+                "config": self.config.to_dict(), "model_version": self.model_version, "rounds": self.rounds, "last_call": last_call, "steps": steps,
                 "backbone": self.backbone, "labels_since_finetune": self.since_finetune,
                 "finetunes": self.finetunes, "timings": self.timings, "converged_at": self.converged_at},
                 walkers, triggers)
@@ -442,12 +438,15 @@ class Campaign:
         rolling = self.comm.gather({k: t.rolling_mean for k, t in self.triggers.items()})
         steps = self.comm.gather({k: w.step for k, w in self.walkers.items()})
         converged = self.comm.allreduce(int(all(t.converged for t in self.triggers.values())))
+        # the triggers own the counts of calls and brakes; the campaign only adds them up
+        calls = self.comm.allreduce(sum(t.n_calls for t in self.triggers.values()))
+        brakes = self.comm.allreduce(sum(t.n_brakes for t in self.triggers.values()))
         if not self.root:
             return None
         failures = len(self.database.failures())
         self._record_outcome(rmse, converged == self.comm.size)
         return CampaignResult({k: v for part in steps for k, v in part.items()}, len(self.database) - failures,
-                              failures, self.calls, self.brakes, converged == self.comm.size,
+                              failures, calls, brakes, converged == self.comm.size,
                               self.model_version, time.perf_counter() - t0, self.output, rmse,
                               {k: v for part in rolling for k, v in part.items()}, self.backbone,
                               len(self.finetunes), stopped)
