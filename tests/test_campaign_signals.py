@@ -197,3 +197,70 @@ def test_the_run_summary_adds_up_and_is_rebuilt_from_the_folder_alone(uninterrup
     assert written["heldout_frames"] >= 1
     assert written["heldout_force_rmse_eV_A"] > 0 and written["heldout_force_rmse_base_eV_A"] > 0
     assert all(written["wall_time_s"][stage] > 0 for stage in ("md_and_uncertainty", "reference", "refit"))
+
+
+# ---------------------------------------------------------------- kill -9 in the middle of the work
+
+SLOW = """
+[reference]
+calculator = "slow_reference:SlowSW"
+options = {{ marker_dir = "{markers}", seconds = 0.5 }}
+"""
+FINETUNE = """
+[finetune]
+every = 2
+steps = 2
+strategy = "lora"
+lr = 1e-3
+"""
+
+
+def run_to_end(toml: Path) -> None:
+    proc = almd_run(toml, cwd=Path(__file__).parent)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err
+
+
+def killed_when(toml: Path, ready) -> None:
+    proc = almd_run(toml, cwd=Path(__file__).parent)
+    end = time.monotonic() + 600
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, "the moment to kill never came"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+
+
+def test_sigkill_during_a_reference_call(tmp_path):
+    """Killed while the reference computes: that calculation is lost work, nothing else is."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    files = {}
+    for name in ("straight", "killed"):
+        (tmp_path / name).mkdir()
+        files[name] = campaign_file(tmp_path / name)
+        files[name].write_text(files[name].read_text() + SLOW.format(markers=markers))
+    run_to_end(files["straight"])
+    expected = outcome(tmp_path / "straight" / "run")
+    before = len(list(markers.iterdir()))
+    # the 5th call: past the 3 bootstrap labels, inside the MD
+    killed_when(files["killed"], lambda: len(list(markers.iterdir())) >= before + 5)
+    run_to_end(files["killed"])
+    walker, log, hashes, unique = outcome(tmp_path / "killed" / "run")
+    assert unique and (walker, log, hashes) == expected[:3]
+
+
+def test_sigkill_during_a_finetune_round(tmp_path):
+    files = {}
+    for name in ("straight", "killed"):
+        (tmp_path / name).mkdir()
+        files[name] = campaign_file(tmp_path / name)
+        files[name].write_text(files[name].read_text() + FINETUNE)
+    run_to_end(files["straight"])
+    expected = outcome(tmp_path / "straight" / "run")
+    assert json.loads((tmp_path / "straight" / "run" / "campaign.json").read_text())["finetunes"]
+    killed_when(files["killed"], lambda: (tmp_path / "killed" / "run" / "finetune").exists())
+    run_to_end(files["killed"])
+    walker, log, hashes, unique = outcome(tmp_path / "killed" / "run")
+    assert unique and (walker, log, hashes) == expected[:3]
