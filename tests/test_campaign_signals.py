@@ -264,3 +264,43 @@ def test_sigkill_during_a_finetune_round(tmp_path):
     run_to_end(files["killed"])
     walker, log, hashes, unique = outcome(tmp_path / "killed" / "run")
     assert unique and (walker, log, hashes) == expected[:3]
+
+
+KILL_IN_CHECKPOINT = """
+import os, signal, sys
+import almd.potentials.files as files
+
+write = files.atomic_write_with
+
+def dying(path, payload):
+    if os.path.basename(str(path)) == "ensemble-2.pt":  # the second checkpoint: half written, then SIGKILL
+        def half(fh):
+            import io
+            buffer = io.BytesIO()
+            payload(buffer)
+            fh.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(path, half)
+    return write(path, payload)
+
+files.atomic_write_with = dying
+from almd.cli import main
+sys.exit(main(["run", sys.argv[1]]))
+"""
+
+
+def test_sigkill_in_the_middle_of_a_checkpoint_leaves_the_previous_one_whole(uninterrupted, tmp_path):
+    toml = campaign_file(tmp_path)
+    toml.write_text(toml.read_text().replace("checkpoint_every = 100", "checkpoint_every = 5"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT, str(toml)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    state = json.loads((tmp_path / "run" / "campaign.json").read_text())
+    assert state["generation"] == 1 and state["steps"]["0"] == 5  # the first checkpoint, still current
+    assert (tmp_path / "run" / state["ensemble"]).is_file()
+    again = almd_run(toml)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    walker, log, hashes, unique = outcome(tmp_path / "run")
+    assert unique and (walker, log, hashes) == uninterrupted[:3]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from almd.campaign.state import (
     update_checkpoint,
     write_checkpoint,
 )
-from almd.campaign.trigger import Decision, Trigger
+from almd.campaign.trigger import Action, Decision, Trigger
 from almd.campaign.walker import Frame, StepRecord, Walker, WalkerState
 from almd.structures import bare
 
@@ -316,8 +317,10 @@ class Campaign:
         """One MD step of local walker ``k``: trigger, rollback on a brake, and what to label."""
         walker, trigger = self.walkers[k], self.triggers[k]
         record = walker.advance()
-        score = float("inf") if record.blown_up else (record.score if record.score is not None else float("nan"))
-        decision = trigger.update(record.step, score)
+        if record.score is None and not record.blown_up:  # no spread at this step: nothing to judge
+            decision = Decision(record.step, math.nan, Action.NONE, (), trigger.rolling_mean, math.nan)
+        else:
+            decision = trigger.update(record.step, math.inf if record.blown_up else record.score)
         request = None
         if decision.stop:
             offending = walker.frames[-1]

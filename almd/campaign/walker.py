@@ -234,8 +234,10 @@ class Walker:
         fmax = float(np.sqrt((forces**2).sum(1)).max()) if len(forces) else 0.0
         blown = not (np.isfinite(fmax) and np.isfinite(energy) and np.isfinite(self.atoms.positions).all()) \
             or fmax > self.settings.max_force
-        score = self.calculator.results.get("uncertainty")
-        score = None if score is None else float(score)
+        results = self.calculator.results
+        score = results.get("uncertainty")
+        # a spread carried over from an earlier step is not this step's score
+        score = None if score is None or results.get("uncertainty_age", 0) > 0 else float(score)
         self.frames.append(Frame(self.step, self.atoms.copy(), score))
         return StepRecord(self.step, energy, float(self.atoms.get_temperature()), fmax, score, bool(blown))
 

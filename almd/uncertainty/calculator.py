@@ -9,7 +9,8 @@ member mean.
 Cost: the mean needs one trunk backward, the spread K. With
 ``uncertainty_every=n`` the spread is evaluated on every n-th call only and
 the other calls pay for the mean alone; their results carry the last spread
-with ``uncertainty_age`` > 0 (calls since it was evaluated).
+with ``uncertainty_age`` > 0 (calls since it was evaluated), and none before the
+first evaluation. A walker takes a score only from an evaluation of its own step.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ class EnsembleCalculator(Calculator):
         ens = self.ensemble
         want_stress = bool(atoms.pbc.all())  # same backward as the forces (see almd.Calculator)
         graph = build_graph(atoms, ens.cutoff, self.dtype, self.device, pairs=[self.neighbors.get(atoms)])
-        spread_now = self._last is None or self.calls % self.uncertainty_every == 0
+        # on schedule only, counted from the MD step (align_schedule): a restart or a checkpoint
+        # then evaluates the spread at exactly the steps an uninterrupted run does
+        spread_now = self.calls % self.uncertainty_every == 0
         out = ens.evaluate(graph, members=spread_now, stress=want_stress)
         self.calls += 1
         res = {key: v.detach().cpu().double().numpy() for key, v in out.items()}
@@ -84,10 +87,10 @@ class EnsembleCalculator(Calculator):
                           "member_forces": members, "uncertainty_age": 0}
             for key in res:
                 res[key] = res[key].mean(0)
-        else:
+        elif self._last is not None:
             self._last["uncertainty_age"] += 1
         energy = float(res["energy"].sum())
-        self.results = {"energy": energy, "free_energy": energy, "forces": res["forces"], **self._last}
+        self.results = {"energy": energy, "free_energy": energy, "forces": res["forces"], **(self._last or {})}
         if want_stress:
             self.results["stress"] = full_3x3_to_voigt_6_stress(res["stress"][0])
 
