@@ -83,18 +83,43 @@ def same_losses_and_gradients():
     return check
 
 
-def small_si_campaign(out, steps: int, checkpoint_every: int = 6, **sections):
+def small_si_sections(out, steps: int, checkpoint_every: int = 6, walkers: int = 1, **sections) -> dict:
     """The test suite's campaign: the 8-atom Si cell at 1200 K, 2 members, Stillinger–Weber labels,
     a trigger that calls every few steps; ``sections`` add or replace whole sections.
     """
-    from almd.campaign.config import CampaignConfig
-
-    return CampaignConfig.from_dict({
+    return {
         "system": {"supercell": [1, 1, 1]},
         "model": {"members": 2},
         "md": {"temperature": 1200, "timestep": 2.0, "seed": 4},
         "trigger": {"window": 20, "min_history": 3, "abs_cap": 0.04, "min_spacing": 4},
         "learning": {"initial_labels": 2, "initial_calibration": 1},
-        "run": {"steps": steps, "checkpoint_every": checkpoint_every, "output": str(out), "progress": False},
+        "run": {"steps": steps, "walkers": walkers, "checkpoint_every": checkpoint_every, "output": str(out),
+                "progress": False},
         **sections,
-    })
+    }
+
+
+def small_si_campaign(out, steps: int, checkpoint_every: int = 6, **sections):
+    """:func:`small_si_sections` as a CampaignConfig."""
+    from almd.campaign.config import CampaignConfig
+
+    return CampaignConfig.from_dict(small_si_sections(out, steps, checkpoint_every, **sections))
+
+
+def small_si_toml(path, out, steps: int, checkpoint_every: int = 6, walkers: int = 1, **sections):
+    """:func:`small_si_sections` written as a campaign file (for `almd run` in a subprocess)."""
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v + '"'
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    tables = small_si_sections(out, steps, checkpoint_every, walkers, **sections)
+    path.write_text("".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items())
+                            for name, table in tables.items()))
+    return path

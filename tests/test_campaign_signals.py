@@ -12,39 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import small_si_toml
 
 from almd.campaign.state import RunLock, RunLocked, truncate_log
 
 STEPS = 16
-CAMPAIGN = """
-[system]
-supercell = [1, 1, 1]
-[model]
-members = 2
-[md]
-temperature = 1200
-timestep = 2.0
-seed = 4
-[trigger]
-window = 20
-min_history = 3
-abs_cap = 0.04
-min_spacing = 4
-[learning]
-initial_labels = 2
-initial_calibration = 1
-[run]
-steps = {steps}
-checkpoint_every = 100
-output = "{output}"
-progress = false
-"""
-
-
-def campaign_file(folder: Path, steps: int = STEPS) -> Path:
-    path = folder / "campaign.toml"
-    path.write_text(CAMPAIGN.format(steps=steps, output=folder / "run"))
-    return path
+def campaign_file(folder: Path, steps: int = STEPS, **sections) -> Path:
+    return small_si_toml(folder / "campaign.toml", folder / "run", steps, checkpoint_every=100, **sections)
 
 
 def almd_run(toml: Path, **kwargs) -> subprocess.Popen:
@@ -201,18 +175,7 @@ def test_the_run_summary_adds_up_and_is_rebuilt_from_the_folder_alone(uninterrup
 
 # ---------------------------------------------------------------- kill -9 in the middle of the work
 
-SLOW = """
-[reference]
-calculator = "slow_reference:SlowSW"
-options = {{ marker_dir = "{markers}", seconds = 0.5 }}
-"""
-FINETUNE = """
-[finetune]
-every = 2
-steps = 2
-strategy = "lora"
-lr = 1e-3
-"""
+FINETUNE = {"every": 2, "steps": 2, "strategy": "lora", "lr": 1e-3}
 
 
 def run_to_end(toml: Path) -> None:
@@ -239,8 +202,8 @@ def test_sigkill_during_a_reference_call(tmp_path):
     files = {}
     for name in ("straight", "killed"):
         (tmp_path / name).mkdir()
-        files[name] = campaign_file(tmp_path / name)
-        files[name].write_text(files[name].read_text() + SLOW.format(markers=markers))
+        files[name] = campaign_file(tmp_path / name, reference={
+            "calculator": "slow_reference:SlowSW", "options": {"marker_dir": str(markers), "seconds": 0.5}})
     run_to_end(files["straight"])
     expected = outcome(tmp_path / "straight" / "run")
     before = len(list(markers.iterdir()))
@@ -255,8 +218,7 @@ def test_sigkill_during_a_finetune_round(tmp_path):
     files = {}
     for name in ("straight", "killed"):
         (tmp_path / name).mkdir()
-        files[name] = campaign_file(tmp_path / name)
-        files[name].write_text(files[name].read_text() + FINETUNE)
+        files[name] = campaign_file(tmp_path / name, finetune=FINETUNE)
     run_to_end(files["straight"])
     expected = outcome(tmp_path / "straight" / "run")
     assert json.loads((tmp_path / "straight" / "run" / "campaign.json").read_text())["finetunes"]
@@ -291,8 +253,7 @@ sys.exit(main(["run", sys.argv[1]]))
 
 
 def test_sigkill_in_the_middle_of_a_checkpoint_leaves_the_previous_one_whole(uninterrupted, tmp_path):
-    toml = campaign_file(tmp_path)
-    toml.write_text(toml.read_text().replace("checkpoint_every = 100", "checkpoint_every = 5"))
+    toml = small_si_toml(tmp_path / "campaign.toml", tmp_path / "run", STEPS, checkpoint_every=5)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT, str(toml)], env=env, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr

@@ -8,37 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import small_si_toml
 
 from almd.campaign.config import CampaignConfig
 from almd.campaign.loop import Campaign
 
 pytestmark = pytest.mark.mpi
-
-CAMPAIGN = """
-[system]
-supercell = [1, 1, 1]
-[model]
-members = 2
-[md]
-temperature = 1200
-timestep = 2.0
-seed = 4
-[trigger]
-window = 20
-min_history = 3
-abs_cap = 0.04
-min_spacing = 4
-[learning]
-initial_labels = 2
-initial_calibration = 1
-[run]
-steps = 10
-walkers = 2
-checkpoint_every = 6
-progress = false
-output = "{output}"
-"""
-
 
 def test_two_ranks_reproduce_the_serial_campaign(tmp_path):
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
@@ -47,7 +22,7 @@ def test_two_ranks_reproduce_the_serial_campaign(tmp_path):
     import torch
 
     serial = tmp_path / "serial"
-    (tmp_path / "serial.toml").write_text(CAMPAIGN.format(output=serial))
+    small_si_toml(tmp_path / "serial.toml", serial, 10, walkers=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank below: the bits of a sum depend on how it is split
     try:
@@ -56,8 +31,7 @@ def test_two_ranks_reproduce_the_serial_campaign(tmp_path):
         torch.set_num_threads(threads)
     assert result.calls >= 1
 
-    toml = tmp_path / "campaign.toml"
-    toml.write_text(CAMPAIGN.format(output=tmp_path / "mpi"))
+    toml = small_si_toml(tmp_path / "campaign.toml", tmp_path / "mpi", 10, walkers=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "almd.cli", "run", str(toml)],
                          capture_output=True, text=True, env=env, timeout=1200)
@@ -76,8 +50,7 @@ def test_an_error_on_one_rank_ends_the_whole_job_with_its_traceback(tmp_path):
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     if mpiexec is None:
         pytest.skip("no mpiexec (pip install mpich)")
-    toml = tmp_path / "campaign.toml"
-    toml.write_text(CAMPAIGN.format(output=tmp_path / "run").replace("steps = 10", "steps = 2"))
+    toml = small_si_toml(tmp_path / "campaign.toml", tmp_path / "run", 2, walkers=2)
     Campaign(CampaignConfig.from_toml(toml)).run()
     checkpoint = tmp_path / "run" / "campaign.json"
     state = json.loads(checkpoint.read_text())

@@ -54,7 +54,7 @@ class ModelConfig:
     backbone: str = "sevennet-0"  #: pretrained name or model file (almd.potentials.load)
     members: int = 4  #: ensemble size K
     score: str = "max"  #: per-frame score over atoms: max | mean | rms
-    uncertainty_every: int = 2  #: evaluate the member spread on every n-th MD step
+    uncertainty_every: int = 2  #: evaluate the member spread on every n-th MD step (the trigger scores those)
     dtype: str = "float32"
 
 
