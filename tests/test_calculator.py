@@ -196,3 +196,24 @@ def test_forces_then_stress_is_one_model_call(sevennet64, si8):
             energies.append(strained.get_potential_energy())
         derivative = (energies[0] - energies[1]) / (2 * h) / volume
         assert derivative == pytest.approx(stress[a, b], abs=1e-6)
+
+
+def test_sevennet_mf0_runs_its_pbe_fidelity(tmp_path, si8):
+    """SevenNet-MF-0 (multi-fidelity) through almd.Calculator: its PBE modality, as sevenn's own
+    calculator gives it with modal="PBE", and kept when the model is saved and loaded again.
+    """
+    from sevenn.calculator import SevenNetCalculator
+
+    from almd import potentials
+
+    ours, theirs = si8.copy(), si8.copy()
+    ours.calc = almd.Calculator("sevennet-mf-0")
+    theirs.calc = SevenNetCalculator("7net-mf-0", modal="PBE")
+    assert ours.get_potential_energy() == pytest.approx(theirs.get_potential_energy(), abs=1e-4)
+    np.testing.assert_allclose(ours.get_forces(), theirs.get_forces(), atol=1e-4)
+    np.testing.assert_allclose(ours.get_stress(), theirs.get_stress(), atol=1e-5)
+    path = potentials.save(ours.calc.potential, tmp_path / "mf0.pt")
+    again = si8.copy()
+    again.calc = almd.Calculator(model=path)
+    assert again.calc.potential.modality == "PBE"
+    assert again.get_potential_energy() == pytest.approx(ours.get_potential_energy(), abs=1e-5)

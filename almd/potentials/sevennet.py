@@ -55,6 +55,7 @@ class SevenNet(Potential):
         from sevenn.model_build import build_E3_equivariant_model
 
         config = copy.deepcopy(config)
+        modality = config.pop("_almd_modality", None)  # almd's own key: sevenn's builder never sees it
         config["_flash_lammps"] = False
         model = build_E3_equivariant_model(config)
         if state_dict is not None:
@@ -64,6 +65,13 @@ class SevenNet(Potential):
                 model.delete_module_by_key(name)
         model.replace_module("onehot_idx_to_onehot", _TypedOneHot(model._modules["onehot_idx_to_onehot"]))
         model.key_grad = None  # almd differentiates w.r.t. positions, not edge vectors
+        self.modality = None
+        if getattr(model, "modal_map", None):  # multi-fidelity (SevenNet-MF-0): one fixed modality
+            self.modality = modality or "PBE"  # SevenNet-MF-0: the PBE (Materials Project) fidelity
+            if self.modality not in model.modal_map:
+                raise ValueError(f"modality {self.modality!r} not in this model's {sorted(model.modal_map)}")
+            model.eval_modal_map = False  # almd gives the modality index itself (sevenn's reads .x off a data object)
+            self.modal_index = int(model.modal_map[self.modality])
         model.set_is_batch_data(True)
         self.model = model
         self.config = config
@@ -89,13 +97,17 @@ class SevenNet(Potential):
             KEY.BATCH: graph.batch,
             KEY.NUM_ATOMS: graph.n_atoms,
         }
+        if self.modality is not None:  # one modality index per structure of the batch
+            data[KEY.MODAL_TYPE] = torch.full((int(graph.n_structures),), self.modal_index, dtype=torch.int64,
+                                              device=graph.numbers.device)
         out = self.model(data)
         return out[KEY.ATOMIC_ENERGY].squeeze(-1)
 
     def export(self) -> dict:
         # deep-copied sevenn models carry fx-codegen constants that a fresh build lacks
         sd = {k: v for k, v in self.model.state_dict().items() if "._tensor_constant" not in k}
-        return {"backbone": self.backbone_name, "config": self.config, "state_dict": sd}
+        config = {**self.config, **({"_almd_modality": self.modality} if self.modality else {})}
+        return {"backbone": self.backbone_name, "config": config, "state_dict": sd}
 
     @classmethod
     def from_export(cls, payload: dict) -> "SevenNet":
@@ -103,6 +115,9 @@ class SevenNet(Potential):
 
     # ---- backbone knowledge
     def readout(self) -> "SevenNetReadout":
+        if self.modality is not None:
+            raise NotImplementedError(f"ensemble heads on a multi-fidelity SevenNet ({self.modality} modality) "
+                                      "are not supported yet; use it as almd.Calculator, or sevennet-0 for a campaign")
         return SevenNetReadout(self)
 
     def add_energy_shifts(self, shifts: dict[int, float]) -> None:
