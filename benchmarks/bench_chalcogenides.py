@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="MDR protocol: relax with the model first (as MACE-MP-0b3 was), then fresh 0.01 Å displacements")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on 2 shared cores 2 threads ran 5× slower)")
-    p.add_argument("--cache", type=Path, default=Path("/tmp/almd-bench-chalcogenides"))
+    p.add_argument("--cache", type=Path, default=Path("bench-out/chalcogenides"))
     p.add_argument("--json", type=Path, help="write all results here")
     args = p.parse_args(argv)
 

@@ -42,7 +42,7 @@ machine's load; the JSON records how many steps ran). Checkpoints and per-materi
 results are cached under --output, so re-running the same command resumes.
 
     OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=131072 nohup python benchmarks/bench_chalcogenides_pft.py \\
-        --output /work/runs/chalco2 --lr 1e-4 > /work/runs/chalco2/run.log 2>&1 &
+        --output bench-out/chalco2 --lr 1e-4 > chalco2.log 2>&1 &
 
 Default materials: the 6 smallest supercells, BaTe (216 atoms), K₆Sb₂ (256),
 Ba₈Pb₄ (288), SnSe (400), SnS (400), Na₂Tl₂ (432); --materials all takes the 16.
@@ -71,7 +71,7 @@ from bench_chalcogenides import DATA, METRICS, mace_errors, run_material  # noqa
 # Ba8Pb4 288, SnSe 400, SnS 400, Na2Tl2 432 atoms. Next: Na2SbTl 432, Sb2Te3 and Bi2Te3 450,
 # five at 512, ZnSb 576, Zn3As2 640.
 DEFAULT_MATERIALS = ["mp-1000", "mp-14017", "mp-21246", "mp-691", "mp-2231", "mp-1564"]
-BASELINE_CACHE = Path("/tmp/almd-bench-chalcogenides/sevennet-0")  # bench_chalcogenides.py's default cache
+BASELINE_CACHE = Path("bench-out/chalcogenides/sevennet-0")  # bench_chalcogenides.py's default cache
 BASELINE_JSON = Path(__file__).resolve().parent / "chalcogenides_sevennet0.json"
 
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--materials", nargs="*", default=DEFAULT_MATERIALS)
     p.add_argument("--data", type=Path, default=DATA)
-    p.add_argument("--output", type=Path, default=Path("/work/runs/chalco"))
+    p.add_argument("--output", type=Path, default=Path("bench-out/chalco"))
     p.add_argument("--max-steps", type=int, default=400)
     p.add_argument("--train-minutes", type=float, default=30.0,
                    help="wall-time budget for training (checked before each chunk of --eval-every steps)")

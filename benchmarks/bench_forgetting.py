@@ -17,7 +17,7 @@ Co-training is PFT's: replay_ratio = 4 replay steps after each phonon step,
 Huber (δ 0.1) EFS loss with weights E 500 / F 200 / σ 50, λ_E = 0 on the Si
 batches. The EMA is updated once per step (after its replay steps) in every
 variant; before 2026-11-22 ~06:30 UTC the trainer updated it after every
-optimiser update, i.e. 5× per step with replay (the /work/runs/forget numbers). Everything else (steps, lr, EMA, seed, validation) is identical; the
+optimiser update, i.e. 5× per step with replay (the first forgetting numbers in RESULTS.md). Everything else (steps, lr, EMA, seed, validation) is identical; the
 step budget is fixed (patience 0) and the best-validation EMA weights are kept,
 as in the example.
 
@@ -38,7 +38,7 @@ Each model is then scored on
 How to run (1 thread per process; everything cached under OUT, a rerun skips
 finished stages and resumes interrupted trainings from their checkpoints):
 
-    python benchmarks/bench_forgetting.py all [--steps 10] [--out /work/runs/forget]
+    python benchmarks/bench_forgetting.py all [--steps 10] [--out bench-out/forget]
     # or in parallel, one process per variant:
     python benchmarks/bench_forgetting.py data
     python benchmarks/bench_forgetting.py train none &   # ... self, file
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("variant", nargs="?", choices=VARIANTS, help="for 'train' and 'snapshot'")
     p.add_argument("--checkpoint", type=Path, help="for 'snapshot': a training checkpoint whose EMA weights to export")
     p.add_argument("--steps", type=int, default=10, help="fixed PFT step budget, the same for every variant")
-    p.add_argument("--out", type=Path, default=Path("/work/runs/forget"))
+    p.add_argument("--out", type=Path, default=Path("bench-out/forget"))
     args = p.parse_args(argv)
 
     import torch

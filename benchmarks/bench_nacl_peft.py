@@ -3,7 +3,7 @@ r"""NaCl: fine-tuning SevenNet-0 on n DFT structures, by adapter strategy (issue
 Data: phono3py's NaCl example (VASP PBE; Togo & Seko 2024), the fc3 set of 100
 supercells of 64 atoms (2×2×2 conventional), every atom displaced by 0.03 Å in
 a random direction, with DFT forces and supercell energies
-(/work/shared/data/dft/nacl-rd/phono3py_params_NaCl.yaml.xz).
+(../shared/data/dft/nacl-rd/phono3py_params_NaCl.yaml.xz beside the clone; --data to point elsewhere).
 
   * test set: the last 50 supercells (indices 50–99), never trained or validated on;
   * training pools: the first n = 10, 25, 50 supercells (indices 0…n−1);
@@ -45,7 +45,7 @@ supercells against the DFT fc2 from the 50 test ones.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_nacl_peft.py [--steps 30] [--eval-every 10] [--patience 2] \\
         [--n 10 50] [--later 25] [--strategies lora full scratch delta] [--energy-weight 1] \\
-        [--root /work/runs/nacl] [--stop-by 05:05] [--delta-l2 1]
+        [--root bench-out/nacl] [--stop-by 05:05] [--delta-l2 1]
 
 Runs go strategy by strategy over --n, then every strategy for the --later sizes,
 so that under a time limit each strategy is measured at the smallest and largest
@@ -75,7 +75,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy/torch load their t
 
 import numpy as np
 
-DATA = Path("/work/shared/data/dft/nacl-rd/phono3py_params_NaCl.yaml.xz")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dft" / "nacl-rd" / "phono3py_params_NaCl.yaml.xz"
 STRATEGIES = ("lora", "delta", "full", "scratch")
 # Fine-tuning lr for full/delta (the PFT default); LoRA's zero-initialised B and a
 # random network need larger steps to move at all within a short budget.
@@ -269,7 +269,7 @@ def stop_time(hhmm: str | None) -> dt.datetime | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DATA)
-    p.add_argument("--root", type=Path, default=Path("/work/runs/nacl"))
+    p.add_argument("--root", type=Path, default=Path("bench-out/nacl"))
     p.add_argument("--n", type=int, nargs="+", default=[10, 50], help="pool sizes, run first")
     p.add_argument("--later", type=int, nargs="*", default=[25], help="pool sizes run after all the others")
     p.add_argument("--strategies", nargs="+", default=["lora", "full", "scratch", "delta"])

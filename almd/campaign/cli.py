@@ -34,6 +34,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.resume and (args.campaign or args.output):
         p.error("--resume takes the settings and the output folder from RUN_DIR: give no campaign file or --output")
+    comm = world()
     try:
         if args.resume:
             cfg, args.output = _stored_config(Path(args.resume)), args.resume
@@ -43,11 +44,10 @@ def main(argv: list[str]) -> int:
         if overrides:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
             cfg.validate()
-        comm = world()
         result = Campaign(cfg, comm).run()
     except (ConfigError, UnknownElementError, FileNotFoundError) as exc:
         print(f"almd run: error: {exc}", flush=True)
-        abort(world(), f"almd run: error: {exc}", status=2)  # the other ranks may wait for this one
+        abort(comm, f"almd run: error: {exc}", status=2)  # the other ranks may wait for this one
         return 2
     if result is not None and result.stopped:
         steps = ", ".join(f"walker {k} at step {v}" for k, v in sorted(result.steps.items()))

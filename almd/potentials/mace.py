@@ -32,8 +32,13 @@ class Mace(Potential):
         self.register_buffer("z_to_index", table, persistent=False)
 
     @classmethod
-    def from_file(cls, path: str) -> "Mace":
-        return cls(torch.load(path, map_location="cpu", weights_only=False))
+    def from_file(cls, path: str, allow_pickle: bool = False) -> "Mace":
+        """A MACE model file. MACE pickles the whole module, so reading it can run code:
+        ``allow_pickle=True`` only for a file you trust (:func:`almd.potentials.files.read_payload`).
+        """
+        from almd.potentials.files import read_payload
+
+        return cls(read_payload(path, allow_pickle))
 
     def atomic_energies(self, graph: Graph, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> torch.Tensor:
         dtype = edge_vectors.dtype
