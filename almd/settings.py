@@ -80,6 +80,13 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint) or (str,)
+        if typing.get_origin(item) is list:  # a list of lists, e.g. [md] schedule
+            if not isinstance(value, list):
+                raise ConfigError(f"{key} = {value!r}: expected a list of lists")
+            return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+        if item is float:
+            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                     for v in (value if isinstance(value, list) else [value])]
         if isinstance(value, item):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):

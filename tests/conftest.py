@@ -85,14 +85,16 @@ def same_losses_and_gradients():
 
 def small_si_sections(out, steps: int, checkpoint_every: int = 6, walkers: int = 1, **sections) -> dict:
     """The test suite's campaign: the 8-atom Si cell at 1200 K, 2 members, Stillinger–Weber labels,
-    a trigger that calls every few steps; ``sections`` add or replace whole sections.
+    a trigger that calls every few steps (a target no model reaches, no audits), no phonon or test
+    labels; ``sections`` add or replace whole sections.
     """
     return {
         "system": {"supercell": [1, 1, 1]},
         "model": {"members": 2},
         "md": {"temperature": 1200, "timestep": 2.0, "seed": 4},
-        "trigger": {"window": 20, "min_history": 3, "abs_cap": 0.04, "min_spacing": 4},
-        "learning": {"initial_labels": 2, "initial_calibration": 1},
+        "trigger": {"window": 20, "min_history": 3, "abs_cap": 0.04, "min_spacing": 4, "target": 0.001,
+                    "adaptive": False, "audit_every": 0},
+        "learning": {"initial_labels": 2, "initial_calibration": 1, "phonons": False, "test_frames": 0},
         "run": {"steps": steps, "walkers": walkers, "checkpoint_every": checkpoint_every, "output": str(out),
                 "progress": False},
         **sections,

@@ -394,7 +394,8 @@ def test_active_learning_loop_with_trigger(si, sw, frames_1500):
                                 for f in frames_1500]))
 
     err0 = rmse()
-    trig = Trigger(TriggerSettings(window=100, min_history=10, abs_cap=None, min_spacing=10))
+    trig = Trigger(TriggerSettings(window=100, min_history=10, abs_cap=None, min_spacing=10, target=None,
+                                   adaptive=False, audit_every=0))  # the relative criterion alone
     a = ideal.copy()
     a.calc = BayesianCalculator(m)
     thermalize_momenta(a, temperature_K=600, rng=np.random.default_rng(5))
@@ -520,7 +521,7 @@ def test_subblock_errors_fall_with_training_and_convergence_flips(si, sw, model,
     ideal = si[2]
     train = rattled(ideal, 8, 0.06, 0, sw)  # the first 5 are the module model's
     target = 0.01  # eV/Å, ~1.5 % of the thermal force rms at 300 K
-    trig = Trigger(TriggerSettings(window=100, target=0.02, subblock_target=target))
+    trig = Trigger(TriggerSettings(window=100, target=0.02, subblock_target=target, adaptive=False, audit_every=0))
     errors, decisions = [], []
     try:
         for n in (1, 3, 8):

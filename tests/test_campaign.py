@@ -63,8 +63,10 @@ def test_example_campaign_files_parse_and_document_the_defaults():
     assert files
     for path in files:
         CampaignConfig.from_toml(path)
+    from almd.campaign.config import builtin_campaign
+
     written_out = CampaignConfig.from_toml(folder / "si_stillinger_weber.toml")
-    assert written_out.to_dict() == CampaignConfig().to_dict()  # `almd run` without a file
+    assert written_out.to_dict() == builtin_campaign().to_dict()  # `almd run` without a file
 
 
 def test_unknown_element_is_named_before_any_reference_call(tmp_path):

@@ -9,6 +9,13 @@ import pytest
 from almd.campaign.selection import frame_distance, select_frames
 from almd.campaign.trigger import Action, Trigger, TriggerSettings
 
+#: the fixed-threshold trigger most tests below exercise (the defaults have a target and a history threshold)
+FIXED = {"target": None, "abs_cap": 0.02, "adaptive": False, "audit_every": 0}
+
+
+def fixed(**kw) -> TriggerSettings:
+    return TriggerSettings(**{**FIXED, **kw})
+
 
 def run(trig: Trigger, scores, start: int = 0):
     return [trig.update(start + i, s) for i, s in enumerate(scores)]
@@ -25,7 +32,7 @@ def noise(n: int, level: float = 0.005, amp: float = 0.2, seed: int = 0) -> np.n
 
 
 def test_noise_only_never_calls():
-    trig = Trigger(TriggerSettings(window=200, abs_cap=0.02))
+    trig = Trigger(fixed(window=200, abs_cap=0.02))
     dec = run(trig, noise(2000))
     assert calls(dec) == []
     assert not any(d.candidate for d in dec)
@@ -35,7 +42,7 @@ def test_noise_only_never_calls():
 def test_single_spike_one_call():
     s = noise(1000)
     s[500] = 0.05
-    dec = run(Trigger(TriggerSettings(window=200)), s)
+    dec = run(Trigger(fixed(window=200)), s)
     assert calls(dec) == [500]
     assert set(dec[500].reasons) == {"relative", "absolute"}
     assert dec[500].action is Action.LABEL and not dec[500].stop
@@ -46,7 +53,7 @@ def test_step_change_relative_then_mean_catches_up():
     # 0.04 > 3·mean, i.e. for < 11.1 steps of the new level; min_spacing 10.
     s = np.full(400, 0.01)
     s[200:] = 0.04
-    trig = Trigger(TriggerSettings(window=100, abs_cap=None, min_spacing=10))
+    trig = Trigger(fixed(window=100, abs_cap=None, min_spacing=10))
     dec = run(trig, s)
     assert calls(dec) == [200, 210]
     # Steps 201..209 met the criterion but were suppressed by min_spacing.
@@ -56,7 +63,7 @@ def test_step_change_relative_then_mean_catches_up():
 def test_step_above_abs_cap_respects_min_spacing():
     s = np.full(300, 0.005)
     s[100:] = 0.03  # above abs_cap 0.02 from step 100 on
-    dec = run(Trigger(TriggerSettings(window=50, min_spacing=10)), s)
+    dec = run(Trigger(fixed(window=50, min_spacing=10)), s)
     assert calls(dec) == list(range(100, 300, 10))
     c = calls(dec)
     assert min(np.diff(c)) >= 10
@@ -65,7 +72,7 @@ def test_step_above_abs_cap_respects_min_spacing():
 def test_slow_drift_fires_on_average_only():
     n, window, target = 1500, 200, 0.01
     s = np.linspace(0.002, 0.02, n)
-    trig = Trigger(TriggerSettings(window=window, abs_cap=None, target=target))
+    trig = Trigger(fixed(window=window, abs_cap=None, target=target, converge_windows=100))  # never in production
     dec = run(trig, s)
     means = np.array([s[max(0, i - window + 1): i + 1].mean() for i in range(n)])
     first = int(np.argmax(means > target))
@@ -77,7 +84,7 @@ def test_hard_cap_brakes_at_once_and_rolls_back():
     s = noise(300)
     s[100] = 0.05  # ordinary call
     s[103] = 2.0  # brake within min_spacing of the last call
-    trig = Trigger(TriggerSettings(window=100, hard_cap=1.0))
+    trig = Trigger(fixed(window=100, hard_cap=1.0))
     dec = run(trig, s)
     assert calls(dec) == [100, 103]
     d = dec[103]
@@ -91,7 +98,7 @@ def test_hard_cap_brakes_at_once_and_rolls_back():
 
 def test_brake_rollback_forgets_abandoned_branch():
     s = noise(200)
-    trig = Trigger(TriggerSettings(window=100, min_spacing=10))
+    trig = Trigger(fixed(window=100, min_spacing=10))
     run(trig, s[:150])
     trig.update(150, 0.03)  # a call: step 150 is not trusted
     run(trig, s[151:155], start=151)
@@ -99,7 +106,7 @@ def test_brake_rollback_forgets_abandoned_branch():
     d = trig.update(155, 5.0)
     assert d.stop and d.rollback_to == 154
     # Roll back further: a candidate frame inside the branch is not trusted.
-    trig2 = Trigger(TriggerSettings(window=100, min_spacing=10))
+    trig2 = Trigger(fixed(window=100, min_spacing=10))
     run(trig2, s[:150])
     before = trig2.rolling_mean
     trig2.update(150, 0.03)
@@ -113,7 +120,7 @@ def test_brake_rollback_forgets_abandoned_branch():
 
 
 def test_decision_record_is_plain_json():
-    trig = Trigger()
+    trig = Trigger(fixed())
     first = trig.update(0, 0.05)
     rec = json.loads(json.dumps(first.as_dict(), allow_nan=False))
     assert rec["action"] == "label" and rec["reasons"] == ["absolute"]
@@ -121,21 +128,21 @@ def test_decision_record_is_plain_json():
 
 
 def test_nan_score_brakes():
-    trig = Trigger()
+    trig = Trigger(fixed())
     run(trig, noise(50))
     d = trig.update(50, float("nan"))
     assert d.stop and d.reasons == ("non_finite",) and d.rollback_to == 49
 
 
 def test_steps_must_increase():
-    trig = Trigger()
+    trig = Trigger(fixed())
     trig.update(5, 0.01)
     with pytest.raises(ValueError, match="step 5"):
         trig.update(5, 0.01)
 
 
 def test_adaptive_threshold_updates_only_when_stable():
-    st = TriggerSettings(window=500, abs_cap=0.05, adaptive=True, adaptive_cx=0.2,
+    st = fixed(window=500, abs_cap=0.05, adaptive=True, adaptive_cx=0.2,
                          adaptive_history=100)
     trig = Trigger(st)
     stable = noise(100, level=0.01, amp=0.1)
@@ -156,32 +163,81 @@ def test_adaptive_threshold_updates_only_when_stable():
 
 
 def test_adaptive_off_keeps_cap():
-    trig = Trigger(TriggerSettings(abs_cap=0.05))
+    trig = Trigger(fixed(abs_cap=0.05))
     run(trig, noise(1000, level=0.01))
     assert trig.threshold == 0.05
 
 
-def test_convergence_after_m_quiet_windows_and_reset_by_call():
-    st = TriggerSettings(window=100, target=0.01, converge_windows=3)
+def test_convergence_after_m_quiet_windows_then_production_until_an_audit_fails():
+    st = fixed(window=100, target=0.01, converge_windows=3)
     trig = Trigger(st)
     dec = run(trig, noise(250))
     assert not trig.converged
     dec += run(trig, noise(60, seed=1), start=250)
-    assert trig.converged  # blocks closed at steps 100, 200, 300
-    trig.update(310, 0.05)  # a call: back to square one
-    assert not trig.converged
-    run(trig, noise(300, seed=2), start=311)
+    assert trig.converged and trig.converged_at == 300  # blocks closed at steps 100, 200, 300
+    d = trig.update(310, 0.05)  # production: a high score is recorded, not called
+    assert not d.call and d.suppressed and trig.converged
+    # the audit of a frame whose true error is far above what the model claims fails
+    assert trig.record_audit(311, true_error=0.05, score=0.005) is False
+    assert not trig.converged and trig.n_audit_failures == 1
+    assert trig.update(320, 0.05).call  # learning again
+    run(trig, noise(300, seed=2), start=321)
     assert trig.converged
 
 
+def test_audits_every_n_quiet_steps_and_passing_keeps_production():
+    st = TriggerSettings(window=100, target=0.01, converge_windows=2, audit_every=150)
+    assert TriggerSettings(window=100, converge_windows=2).audit_steps == 200  # default: M windows
+    trig = Trigger(st)
+    dec = run(trig, noise(700))
+    audits = [d.step for d in dec if d.audit]
+    assert audits == [150, 300, 450, 600]  # quiet steps counted from the start and from each audit
+    assert calls(dec) == audits and trig.n_calls == 0 and trig.n_audits == 4
+    assert trig.converged  # audits are no calls: they do not break the convergence test
+    assert trig.record_audit(600, true_error=0.009, score=0.005)  # overconfident, but under the target
+    assert trig.converged
+    # an audit is due again 150 steps after the last one, in production too
+    more = run(trig, noise(150, seed=3), start=700)
+    assert [d.step for d in more if d.audit] == [750]
+    assert Trigger.from_json(trig.to_json()).to_json() == trig.to_json()
+
+
+def test_frames_under_the_target_are_never_called():
+    # A spike 5x the history but under the target: the user accepts that error.
+    s = noise(600)
+    s[400] = 0.025
+    trig = Trigger(TriggerSettings(window=100, target=0.03, audit_every=0))
+    assert calls(run(trig, s)) == []
+    s[400] = 0.04  # above the target: the relative criterion calls
+    trig = Trigger(TriggerSettings(window=100, target=0.03, audit_every=0, converge_windows=10))
+    dec = run(trig, s)
+    assert calls(dec) == [400] and "relative" in dec[400].reasons
+
+
+def test_window_in_md_steps_not_in_scores():
+    # Scored on every other step: the window of 100 steps holds 50 scores.
+    trig = Trigger(fixed(window=100, min_history=10))
+    for step in range(0, 400, 2):
+        trig.update(step, 0.01 if step < 300 else 0.02)
+    assert trig.rolling_mean == pytest.approx((0.01 * 0 + 0.02 * 50) / 50)
+    assert len(trig._recent()) == 50
+
+
+def test_window_fits_the_run():
+    assert TriggerSettings().for_run(1500).window == 75
+    assert TriggerSettings().for_run(100).window == 20
+    assert TriggerSettings().for_run(10**6).window == 1000
+    assert TriggerSettings(window=300).for_run(1500).window == 300
+
+
 def test_no_convergence_while_average_above_target():
-    trig = Trigger(TriggerSettings(window=100, target=0.004, abs_cap=None))
+    trig = Trigger(fixed(window=100, target=0.004, abs_cap=None))
     run(trig, noise(1000))
     assert not trig.converged
 
 
 def test_subblock_error_joins_convergence_and_goes_stale_after_a_call():
-    st = TriggerSettings(window=100, target=0.01, converge_windows=3, subblock_target=0.008)
+    st = fixed(window=100, target=0.01, converge_windows=3, subblock_target=0.008)
     trig = Trigger(st)
     run(trig, noise(310))
     assert trig._good_blocks >= 3  # the trajectory-averaged test alone would pass ...
@@ -198,8 +254,9 @@ def test_subblock_error_joins_convergence_and_goes_stale_after_a_call():
     del old["subblock"]
     old["settings"].pop("subblock_target")
     assert Trigger.from_state_dict(old).converged  # no sub-block target in v1
-    # A call refits the model: the record describes the old model.
-    trig.update(310, 0.05)
+    # A call refits the model: the record describes the old model (production ends first).
+    trig.record_audit(309, true_error=0.05, score=0.005)
+    assert trig.update(310, 0.05).call
     assert math.isnan(trig.subblock_error)
     run(trig, noise(310, seed=2), start=311)
     assert trig._good_blocks >= 3 and not trig.converged
@@ -211,11 +268,11 @@ def test_subblock_error_joins_convergence_and_goes_stale_after_a_call():
 
 def test_subblock_target_needs_target():
     with pytest.raises(ValueError, match=r"TriggerSettings\.subblock_target = "):
-        TriggerSettings(subblock_target=0.01)
+        fixed(subblock_target=0.01)
     with pytest.raises(ValueError, match=r"TriggerSettings\.subblock_target = "):
-        TriggerSettings(target=0.01, subblock_target=-1.0)
+        fixed(target=0.01, subblock_target=-1.0)
     # Without subblock_target, recording is harmless and convergence unchanged.
-    trig = Trigger(TriggerSettings(window=100, target=0.01))
+    trig = Trigger(fixed(window=100, target=0.01))
     assert trig.record_subblock_error(0.5) is False
     run(trig, noise(310))
     assert trig.converged
@@ -226,7 +283,7 @@ def test_json_round_trip_mid_stream_is_exact():
     s = 0.005 * (1 + 0.3 * rng.standard_normal(3000)).clip(0.1)
     s[[400, 401, 1200, 2500]] = [0.04, 0.05, 3.0, 0.03]
     s[1800:2100] += np.linspace(0, 0.02, 300)
-    st = TriggerSettings(window=300, target=0.009, adaptive=True, adaptive_history=150,
+    st = fixed(window=300, target=0.009, adaptive=True, adaptive_history=150,
                          abs_cap=0.03)
     ref = run(Trigger(st), s)
     for cut in (150, 401, 1201, 1950):
@@ -257,7 +314,9 @@ def run_to_json(st, s):
         ({"target": float("nan")}, "target"),
         ({"min_spacing": 2.5}, "min_spacing"),
         ({"min_history": 5000}, "min_history"),
-        ({"adaptive": True, "abs_cap": None}, "adaptive"),
+        ({"audit_every": -1}, "audit_every"),
+        ({"audit_tolerance": 0.5}, "audit_tolerance"),
+        ({"target": 2.0}, "hard_cap"),
     ],
 )
 def test_settings_validation_names_field(kw, field):

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from almd.campaign.config import CampaignConfig
+from almd.campaign.config import CampaignConfig, builtin_campaign
 from almd.campaign.loop import Campaign
 from almd.campaign.parallel import abort, world
 
@@ -25,7 +25,8 @@ def main(argv: list[str]) -> int:
     from almd.settings import ConfigError
 
     p = argparse.ArgumentParser(prog="almd run", description="Run or resume an active-learning MD campaign. "
-                                "Without a file: the built-in Si campaign (SevenNet-0 ensemble, Stillinger–Weber reference).")
+                                "Without a file: the built-in Si campaign (almd/data/campaign.toml: SevenNet-0 ensemble, "
+                                "Stillinger–Weber reference, 300 → 900 K).")
     p.add_argument("campaign", nargs="?", help="campaign TOML ([system] [model] [reference] [md] [trigger] [learning] [run] [finetune])")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the campaign of a run directory (moved or copied ones too) "
                    "with the settings it holds")
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> int:
         if args.resume:
             cfg, args.output = _stored_config(Path(args.resume)), args.resume
         else:
-            cfg = CampaignConfig.from_toml(args.campaign) if args.campaign else CampaignConfig()
+            cfg = CampaignConfig.from_toml(args.campaign) if args.campaign else builtin_campaign()
         overrides = {k: v for k, v in (("steps", args.steps), ("output", args.output)) if v is not None}
         if overrides:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))

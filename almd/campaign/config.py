@@ -31,7 +31,7 @@ from almd.settings import ConfigError, TomlSettings, bad
 if TYPE_CHECKING:
     from ase import Atoms
 
-__all__ = ["starting_structure",
+__all__ = ["starting_structure", "unit_structure", "builtin_campaign",
     "BUILTIN_STRUCTURES", "CampaignConfig", "FINETUNE_STRATEGIES", "FinetuneSettings", "LearningConfig",
     "ModelConfig", "ReferenceConfig", "RunConfig", "SystemConfig",
 ]
@@ -53,7 +53,8 @@ class SystemConfig:
 class ModelConfig:
     backbone: str = "sevennet-0"  #: pretrained name or model file (almd.potentials.load)
     members: int = 4  #: ensemble size K
-    score: str = "max"  #: per-frame score over atoms: max | mean | rms
+    #: per-frame score over atoms: rms (default: the calibrated force RMSE a target is stated in) | mean | max
+    score: str = "rms"
     uncertainty_every: int = 2  #: evaluate the member spread on every n-th MD step (the trigger scores those)
     dtype: str = "float32"
 
@@ -74,6 +75,10 @@ class LearningConfig:
     frames_per_call: int = 1  #: frames labelled per trigger call
     min_distance: float = 0.05  #: Å, frames closer than this to a chosen one are skipped
     validation_fraction: float = 0.25  #: labels held out for calibration
+    phonons: bool = True  #: label phonopy's displacements of the start structure at bootstrap (PFT labels)
+    phonon_distance: float = 0.01  #: Å, those displacements
+    test_frames: int = 6  #: frames after the last step, labelled at the end and never learnt from (0: none)
+    test_spacing: int = 10  #: MD steps between two of them
 
 
 @dataclass
@@ -133,6 +138,14 @@ class CampaignConfig(TomlSettings):
         if self.reference.retries < 0 or not self.reference.timeout > 0:
             raise bad("reference.retries/timeout", (self.reference.retries, self.reference.timeout),
                       "need retries >= 0 and timeout > 0 s")
+        if le.test_frames < 0 or le.test_spacing < 1:
+            raise bad("learning.test_frames/test_spacing", (le.test_frames, le.test_spacing),
+                      "need test_frames >= 0 and test_spacing >= 1")
+        if not le.phonon_distance > 0:
+            raise bad("learning.phonon_distance", le.phonon_distance, "must be > 0 Å")
+        if self.trigger.subblock_target is not None:
+            raise bad("trigger.subblock_target", self.trigger.subblock_target,
+                      "the sub-block test needs the lattice-dynamics model, which a campaign cannot run yet; leave it out")
         if not 0.0 <= le.validation_fraction < 1.0:
             raise bad("learning.validation_fraction", le.validation_fraction, "must be in [0, 1)")
         self._validate_finetune()
@@ -179,18 +192,31 @@ class CampaignConfig(TomlSettings):
                           f"a model file, or a pretrained name: {', '.join(PRETRAINED)}")
 
 
-def starting_structure(config: CampaignConfig) -> "Atoms":
-    """The campaign's start: a built-in crystal or a file, repeated, optionally rattled."""
+def unit_structure(config: CampaignConfig) -> "Atoms":
+    """The cell the campaign's supercell repeats: a built-in crystal or a file."""
     s = config.system
     if s.structure == "si":
         from ase.build import bulk
 
-        atoms = bulk("Si", "diamond", a=5.431, cubic=True)
-    else:
-        from ase.io import read
+        return bulk("Si", "diamond", a=5.431, cubic=True)
+    from ase.io import read
 
-        atoms = read(s.structure)
-    atoms = atoms.repeat(s.supercell * 3 if len(s.supercell) == 1 else s.supercell)
+    return read(s.structure)
+
+
+def starting_structure(config: CampaignConfig) -> "Atoms":
+    """The campaign's start: the unit structure repeated, optionally rattled."""
+    s = config.system
+    atoms = unit_structure(config).repeat(s.supercell * 3 if len(s.supercell) == 1 else s.supercell)
     if s.rattle > 0:
         atoms.rattle(s.rattle, seed=config.md.seed)
     return atoms
+
+
+#: the built-in campaign of ``almd run`` without a file (a TOML a user can copy)
+BUILTIN_CAMPAIGN = Path(__file__).resolve().parent.parent / "data" / "campaign.toml"
+
+
+def builtin_campaign() -> CampaignConfig:
+    """The built-in campaign: 64-atom Si, SevenNet-0 ensemble, Stillinger–Weber reference, 300 → 900 K."""
+    return CampaignConfig.from_toml(BUILTIN_CAMPAIGN)

@@ -28,6 +28,7 @@ from typing import Any
 from ase import Atoms
 
 from almd.campaign.config import CampaignConfig
+from almd.campaign.phonon_labels import PHONON_FILE
 
 __all__ = ["finetune_config", "finetune_round", "learnt_labels"]
 
@@ -81,6 +82,9 @@ def finetune_round(config: CampaignConfig, database, ensemble, backbone: str, ve
     workdir = output / "finetune" / f"v{version}"
     cfg = finetune_config(config, backbone, workdir, seed=config.md.seed + version)
     phonon = [a for a in train if "hessian" in a.info] + [s for p in cfg.data.phonon for s in load_phonon(p)]
+    own = output / PHONON_FILE  # the campaign's own phonon labels (bootstrap displacements)
+    if config.learning.phonons and own.is_file():
+        phonon += load_phonon(own)
     efs = [a for a in train if "hessian" not in a.info]
     # no held-out labels (validation_fraction 0, no initial calibration): validate on the training ones;
     # the trainer then only refuses a round that makes the training loss worse

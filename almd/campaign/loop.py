@@ -58,7 +58,7 @@ from almd.structures import bare
 __all__ = ["Campaign", "CampaignResult", "LabelRequest", "run", "STEP_FIELDS"]
 
 STEP_FIELDS = ("walker", "step", "energy", "temperature", "max_force", "score", "action", "reasons",
-               "rolling_mean", "labels", "model_version")
+               "rolling_mean", "threshold", "labels", "model_version")
 
 
 @dataclass
@@ -94,6 +94,7 @@ class LabelRequest:
     frames: list[Atoms]
     scores: list[float | None]
     brake: bool
+    audit: bool = False  #: one frame labelled to check the score (held out, never trained on)
 
 
 class Campaign:
@@ -144,7 +145,7 @@ class Campaign:
         self.since_finetune = state.get("labels_since_finetune", 0)  # new training labels since then
         self.finetunes: list[dict[str, Any]] = state.get("finetunes", [])
         self.timings: dict[str, float] = dict(state.get("timings", {}))  # s per stage (report.STAGES), on rank 0
-        self.converged_at: dict[str, int] = dict(state.get("converged_at", {}))  # walker -> step
+        self.phonons: dict[str, Any] = dict(state.get("phonons", {}))  # the phonon set and the base model's errors
         self.ensemble = self._ensemble()
         self.local = owned(cfg.run.walkers, self.comm)
         self.walkers = {k: self._walker(k) for k in self.local}
@@ -205,8 +206,27 @@ class Campaign:
                                    f"{self.database.path} (LabelDatabase.failures())")
             self._refit(ens, labelled)
             self.since_finetune = 0  # the initial labels do not count towards a fine-tune
+            if le.phonons:
+                self.phonons = self._phonon_labels()
         self.comm.bcast(ens.head_state())
         return ens
+
+    def _phonon_labels(self) -> dict[str, Any]:
+        """The reference's phonons of the start structure (labelled, stored, kept as a phonopy file)
+        and the base model's errors against them; empty if a calculation failed.
+        """
+        from almd.campaign.phonon_labels import PHONON_FILE, phonon_errors, phonon_labels
+        from almd.potentials.calculator import Calculator
+
+        def label(cells: list[Atoms]) -> list[Atoms]:
+            return self._label(cells, walker=-1, step=0, reason="phonon", splits=["phonon"] * len(cells))
+
+        path = phonon_labels(self.config, self.output, label)
+        if path is None:
+            return {}
+        with self._timed("phonons"):
+            base = phonon_errors(path, Calculator(self.config.model.backbone, dtype=self.config.model.dtype))
+        return {"file": str(PHONON_FILE), "base": base}
 
     def _unfitted_ensemble(self):
         """The campaign's ensemble on its current backbone, heads not yet fitted or loaded."""
@@ -233,7 +253,9 @@ class Campaign:
 
     def _trigger(self, k: int) -> Trigger:
         saved = self.state.get("triggers", {}).get(str(k))
-        return Trigger.from_json(json.dumps(saved)) if saved is not None else Trigger(self.config.trigger)
+        if saved is not None:
+            return Trigger.from_json(json.dumps(saved))
+        return Trigger(self.config.trigger.for_run(self.config.run.steps), stationary_from=self.config.md.schedule_steps)
 
     # ------------------------------------------------------------ learning (rank 0)
     def _label(self, frames: list[Atoms], walker: int, step: int, reason: str,
@@ -265,20 +287,31 @@ class Campaign:
                 ensemble.calibrate(held_out)
         self.model_version += 1
 
-    def _serve(self, requests: list[LabelRequest]) -> bool:
-        """Label each request in walker order and refit after each, then fine-tune if it is time;
-        True if the model changed.
+    def _serve(self, requests: list[LabelRequest]) -> tuple[bool, list[tuple[int, int, float, float]]]:
+        """Label each request in walker order and refit after each, then fine-tune if it is time.
+
+        Returns whether the model changed, and the audits as (walker, step, true error, score).
         """
-        changed = False
+        changed, audits = False, []
         for req in sorted(requests, key=lambda r: r.walker):
-            labelled = self._label(req.frames, req.walker, req.step, req.reason, req.scores)
+            splits = ["validation"] if req.audit else None  # an audit checks the score: held out
+            labelled = self._label(req.frames, req.walker, req.step, req.reason, req.scores, splits)
+            if req.audit and labelled:
+                audits.append((req.walker, req.step, self._frame_error(labelled[0]), float(req.scores[0])))
             if labelled:
                 self._refit(self.ensemble, labelled)
                 changed = True
         every = self.config.finetune.every
         if changed and every > 0 and self.since_finetune >= every:
             self._finetune()
-        return changed
+        return changed, audits
+
+    def _frame_error(self, labelled: Atoms) -> float:
+        """The true force error of the model on a labelled frame, in the score's measure (eV/Å)."""
+        from almd.uncertainty.calibration import reduce_atoms
+
+        error = np.asarray(labelled.get_forces()) - self.ensemble.predict(labelled)["forces"]
+        return reduce_atoms(np.sqrt((error**2).mean(axis=1)), self.ensemble.score)
 
     def _finetune(self) -> None:
         """A fine-tune round (rank 0): new backbone file, ensemble rebuilt on it, walkers switched to it."""
@@ -304,6 +337,9 @@ class Campaign:
         after, self.last_call[k] = self.last_call.get(k, -1), decision.step
         if brake_frame is not None:
             frames, scores, reason = [brake_frame.atoms], [brake_frame.score], "brake"
+        elif decision.audit:
+            self.last_call[k] = after  # an audit is not a call: later calls still rank these frames
+            frames, scores, reason = [walker.frames[-1].atoms], [walker.frames[-1].score], "audit"
         else:
             recent = [f for f in walker.frames if f.score is not None and f.step > after]
             picked = select_frames([f.score for f in recent], [f.atoms for f in recent],
@@ -311,7 +347,7 @@ class Campaign:
             frames, scores = [recent[i].atoms for i in picked], [recent[i].score for i in picked]
             reason = ",".join(decision.reasons)
         frames = [bare(a) for a in frames]
-        return LabelRequest(k, decision.step, reason, frames, scores, brake_frame is not None)
+        return LabelRequest(k, decision.step, reason, frames, scores, brake_frame is not None, decision.audit)
 
     def step(self, k: int) -> tuple[StepRecord, Decision, LabelRequest | None]:
         """One MD step of local walker ``k``: trigger, rollback on a brake, and what to label."""
@@ -329,7 +365,7 @@ class Campaign:
             request = self._request(k, decision, offending)
         elif decision.call:
             request = self._request(k, decision, None)
-        elif not decision.reasons:
+        if not decision.reasons and not decision.stop:  # an audited frame met no criterion: trusted too
             walker.trust()
         return record, decision, request
 
@@ -338,26 +374,28 @@ class Campaign:
         cfg = self.config.run
         rows, requests = [], []
         for k, w in self.walkers.items():
-            if w.step >= cfg.steps or self.triggers[k].converged:
+            if w.step >= cfg.steps:
                 continue
             with self._timed("md_and_uncertainty"):
                 record, decision, request = self.step(k)
-            if self.triggers[k].converged:
-                self.converged_at.setdefault(str(k), record.step)
             rows.append({"walker": k, "step": record.step, "energy": record.energy,
                          "temperature": record.temperature, "max_force": record.max_force, "score": record.score,
                          "action": decision.action.value, "reasons": "+".join(decision.reasons),
-                         "rolling_mean": decision.rolling_mean})
+                         "rolling_mean": decision.rolling_mean, "threshold": decision.threshold})
             if request is not None:
                 requests.append(request)
         gathered = self.comm.gather((rows, requests))
-        update = None
+        update = audits = None
         if self.root:
             rows = [r for part, _ in gathered for r in part]
             requests = [q for _, part in gathered for q in part]
-            if self._serve(requests):
+            changed, audits = self._serve(requests)
+            if changed:
                 update = (self.ensemble.head_state(), self.model_version, self.backbone)
-        update = self.comm.bcast(update)
+        update, audits = self.comm.bcast((update, audits))
+        for k, step, true_error, score in audits:
+            if k in self.triggers:
+                self.triggers[k].record_audit(step, true_error, score)  # a failed one resumes learning
         if update is not None:
             if not self.root:
                 if update[2] != self.backbone:  # fine-tuned on rank 0: the same file for every rank
@@ -367,14 +405,14 @@ class Campaign:
                 self.model_version = update[1]
             for w in self.walkers.values():  # forces from the new model from here on
                 _restart_uncertainty(w)
-        busy = any(w.step < cfg.steps and not self.triggers[k].converged for k, w in self.walkers.items())
+        busy = any(w.step < cfg.steps for w in self.walkers.values())
         return rows, bool(self.comm.allreduce(int(busy)))
 
     def checkpoint(self) -> None:
         """Everything needed to resume, written by rank 0 as one unit (:func:`~almd.campaign.state.write_checkpoint`).
 
-        Every walker then recomputes its forces and spread at the checkpoint, as a
-        resumed run must, so interrupted and uninterrupted runs stay identical.
+        Every walker then recomputes its forces and spread at the checkpoint and forgets its
+        recent frames, as a resumed run must, so interrupted and uninterrupted runs stay identical.
         """
         local = {k: (w.state().to_json(), self.triggers[k].to_json(), self.last_call.get(k)) for k, w in self.walkers.items()}
         parts = self.comm.gather(local)
@@ -389,10 +427,13 @@ class Campaign:
             write_checkpoint(self.output, self.ensemble, {
                 "config": self.config.to_dict(), "model_version": self.model_version, "rounds": self.rounds, "last_call": last_call, "steps": steps,
                 "backbone": self.backbone, "labels_since_finetune": self.since_finetune,
-                "finetunes": self.finetunes, "timings": self.timings, "converged_at": self.converged_at},
+                "finetunes": self.finetunes, "timings": self.timings, "phonons": self.phonons},
                 walkers, triggers)
         for w in self.walkers.values():
             _restart_uncertainty(w)
+            # a resumed walker starts with no recent frames: a call after a checkpoint ranks only the
+            # frames since it, in an interrupted and an uninterrupted run alike
+            w.frames.clear()
 
     def run(self) -> CampaignResult | None:
         """Run every walker to ``run.steps`` (or until its trigger reports convergence).
@@ -437,40 +478,80 @@ class Campaign:
                 bar.close()
                 fh.close()
                 self.lock.release()
-        rmse = self.held_out_force_rmse() if self.root else None
+        test = self._test_frames() if stopped is None else []
+        rmse = self.held_out_force_rmse(test) if self.root else None
         rolling = self.comm.gather({k: t.rolling_mean for k, t in self.triggers.items()})
         steps = self.comm.gather({k: w.step for k, w in self.walkers.items()})
-        converged = self.comm.allreduce(int(all(t.converged for t in self.triggers.values())))
+        converged_at = self.comm.gather({k: t.converged_at for k, t in self.triggers.items()})
         # the triggers own the counts of calls and brakes; the campaign only adds them up
         calls = self.comm.allreduce(sum(t.n_calls for t in self.triggers.values()))
         brakes = self.comm.allreduce(sum(t.n_brakes for t in self.triggers.values()))
         if not self.root:
             return None
         failures = len(self.database.failures())
-        self._record_outcome(rmse, converged == self.comm.size)
+        at = {k: v for part in converged_at for k, v in part.items()}
+        converged = all(v is not None for v in at.values())
+        if stopped is None:
+            self._record_outcome(rmse, test, converged, max(at.values()) if converged else None)
         return CampaignResult({k: v for part in steps for k, v in part.items()}, len(self.database) - failures,
-                              failures, calls, brakes, converged == self.comm.size,
+                              failures, calls, brakes, converged,
                               self.model_version, time.perf_counter() - t0, self.output, rmse,
                               {k: v for part in rolling for k, v in part.items()}, self.backbone,
                               len(self.finetunes), stopped)
 
-    def _record_outcome(self, rmse: float, converged: bool) -> None:
-        """Held-out errors (final and base model), convergence, then ``summary.json`` (rank 0)."""
+    def _test_frames(self) -> list[Atoms]:
+        """Frames from the end of the run, labelled and never learnt from (rank 0 gets them all).
+
+        Each walker goes on ``learning.test_frames`` × ``test_spacing`` MD steps past its last
+        step with the final model and keeps every ``test_spacing``-th frame: the top of the
+        temperature schedule, where the campaign ends. The same steps follow the last
+        checkpoint in a resumed run, so the test frames are the same too.
+        """
+        le = self.config.learning
+        frames = []
+        for k, w in self.walkers.items():
+            for i in range(le.test_frames * le.test_spacing):
+                w.advance()
+                if (i + 1) % le.test_spacing == 0:
+                    frames.append((k, w.step, bare(w.atoms)))
+        gathered = self.comm.gather(frames)
+        if not self.root:
+            return []
+        frames = sorted((f for part in gathered for f in part), key=lambda f: (f[0], f[1]))
+        labelled = []
+        for k, step, atoms in frames:
+            labelled += self._label([atoms], walker=k, step=step, reason="test", splits=["test"])
+        return labelled
+
+    def _record_outcome(self, rmse: float, test: list[Atoms], converged: bool, converged_at: int | None) -> None:
+        """Held-out errors (final and base model), phonon errors, convergence, then ``summary.json`` and
+        the uncertainty plot (rank 0).
+        """
+        from almd.campaign.plots import plot_uncertainty
         from almd.campaign.report import write_summary
         from almd.potentials.calculator import Calculator
 
-        held = self.database.validation_set()
+        held = test or self.database.validation_set()
         base = Calculator(self.config.model.backbone, dtype=self.config.model.dtype)
         errors = [np.asarray(a.get_forces()) - base.get_forces(bare(a)) for a in held]
         base_rmse = float(np.sqrt(np.mean(np.concatenate(errors) ** 2))) if errors else float("nan")
-        at = [self.converged_at.get(str(k)) for k in range(self.config.run.walkers)]
-        update_checkpoint(self.output, heldout={"frames": len(held), "final": _finite(rmse), "base": _finite(base_rmse)},
-                          converged=converged, converged_at_step=max(at) if converged and None not in at else None)
-        write_summary(self.output)
+        phonons = dict(self.phonons)
+        if phonons.get("file"):
+            from almd.campaign.phonon_labels import phonon_errors
 
-    def held_out_force_rmse(self) -> float:
-        """Force RMSE (eV/Å) of the ensemble mean on the labels it was not fitted on (rank 0)."""
-        errors = [np.asarray(a.get_forces()) - self.ensemble.predict(a)["forces"] for a in self.database.validation_set()]
+            with self._timed("phonons"):
+                phonons["final"] = phonon_errors(self.output / phonons["file"], Calculator(self.ensemble))
+        update_checkpoint(self.output, heldout={"frames": len(held), "set": "test" if test else "validation",
+                                                "final": _finite(rmse), "base": _finite(base_rmse)},
+                          phonons=phonons, converged=converged, converged_at_step=converged_at,
+                          timings=self.timings)
+        write_summary(self.output)
+        plot_uncertainty(self.output)
+
+    def held_out_force_rmse(self, frames: list[Atoms] | None = None) -> float:
+        """Force RMSE (eV/Å) of the ensemble mean on ``frames`` (default: the labels it was not fitted on; rank 0)."""
+        frames = frames or self.database.validation_set()
+        errors = [np.asarray(a.get_forces()) - self.ensemble.predict(a)["forces"] for a in frames]
         return float(np.sqrt(np.mean(np.concatenate(errors) ** 2))) if errors else float("nan")
 
 

@@ -18,11 +18,13 @@ from typing import Any
 from almd.campaign.state import read_checkpoint
 from almd.io import atomic_write
 
-__all__ = ["STAGES", "main", "summarise", "write_summary"]
+__all__ = ["PURPOSES", "STAGES", "main", "summarise", "write_summary"]
 
 #: the stages whose wall time a campaign records (s): MD steps with their uncertainty,
 #: reference calculations, ensemble refits, backbone fine-tunes
-STAGES = ("md_and_uncertainty", "reference", "refit", "finetune")
+STAGES = ("md_and_uncertainty", "reference", "refit", "finetune", "phonons")
+#: what each reference calculation was for (the ``source`` of its row; trigger calls name their criteria)
+PURPOSES = ("bootstrap", "phonon", "trigger", "brake", "audit", "test")
 
 
 def _oracle_calls(database: Path) -> tuple[dict[str, int], int]:
@@ -34,9 +36,9 @@ def _oracle_calls(database: Path) -> tuple[dict[str, int], int]:
     with ase.db.connect(database) as db:
         for row in db.select():
             source = row.get("source", "")
-            kinds["bootstrap" if source == "initial" else "brake" if source == "brake" else "trigger"] += 1
+            kinds["bootstrap" if source == "initial" else source if source in PURPOSES else "trigger"] += 1
             failures += row.get("status") == "failed"
-    return {"total": sum(kinds.values()), **{k: kinds.get(k, 0) for k in ("bootstrap", "trigger", "brake")}}, failures
+    return {"total": sum(kinds.values()), **{k: kinds.get(k, 0) for k in PURPOSES}}, failures
 
 
 def summarise(run_dir: str | Path) -> dict[str, Any]:
@@ -48,6 +50,10 @@ def summarise(run_dir: str | Path) -> dict[str, Any]:
     calling = sum(r["action"] != "none" for r in steps)
     calls, failures = _oracle_calls(run_dir / "labels.db")
     heldout = state.get("heldout", {})
+    at = state.get("converged_at_step")
+    after = [r for r in steps if at is not None and int(r["step"]) > int(at)]
+    audits = [a for t in state.get("triggers", {}).values() for a in t.get("audits", [])]
+    phonons = state.get("phonons", {})
     return {
         "md_steps": len(steps),
         "walkers": len(state.get("steps", {})),
@@ -57,9 +63,16 @@ def summarise(run_dir: str | Path) -> dict[str, Any]:
         "converged": bool(state.get("converged", False)),
         "converged_at_step": state.get("converged_at_step"),
         "fraction_steps_without_oracle": (1 - calling / len(steps)) if steps else None,
+        "fraction_steps_without_oracle_after_convergence":
+            (1 - sum(r["action"] != "none" for r in after) / len(after)) if after else None,
+        "trigger_calls_after_convergence": sum(r["action"] in ("label", "brake") for r in after),
+        "audits": {"made": len(audits), "failed": sum(not a["passed"] for a in audits)},
+        "heldout_set": heldout.get("set"),
         "heldout_frames": heldout.get("frames"),
         "heldout_force_rmse_eV_A": heldout.get("final"),
         "heldout_force_rmse_base_eV_A": heldout.get("base"),
+        "phonon_errors": {"base": phonons.get("base"), "final": phonons.get("final"),
+                          "units": "K, kJ/mol, J/K/mol per mole of primitive cells; THz"} if phonons else None,
         "wall_time_s": {stage: round(float(state.get("timings", {}).get(stage, 0.0)), 3) for stage in STAGES},
     }
 
@@ -72,7 +85,7 @@ def write_summary(run_dir: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of ``almd report RUN_DIR``: rebuild and print ``summary.json``."""
+    """Entry point of ``almd report RUN_DIR``: rebuild and print ``summary.json``, redraw the plots."""
     import argparse
 
     p = argparse.ArgumentParser(prog="almd report", description="Rebuild a campaign's summary.json from its run directory.")
@@ -82,5 +95,8 @@ def main(argv: list[str]) -> int:
         if not (args.run_dir / name).is_file():
             print(f"almd report: error: {args.run_dir / name} not found; give the folder a campaign wrote")
             return 2
+    from almd.campaign.plots import plot_uncertainty
+
     print(json.dumps(write_summary(args.run_dir), indent=1))
+    plot_uncertainty(args.run_dir)
     return 0

@@ -1,28 +1,39 @@
 """When to call the reference (DFT): a trigger over a stream of uncertainty scores.
 
 Pure logic over numbers: no torch, no ASE dynamics, no MD. The walker feeds one
-score per MD step (``Trigger.update(step, score)``) and acts on the returned
-:class:`Decision`. Every threshold is a force in eV/Å, because the scores are
-force uncertainties (max per-component posterior std of the Bayesian model, or
-the max per-atom force spread of an ensemble).
+score per scored MD step (``Trigger.update(step, score)``) and acts on the
+returned :class:`Decision`. Every threshold is a force in eV/Å, because the
+scores are calibrated force errors (the campaign's default: the RMS over atoms
+of the calibrated per-component force uncertainty, the same quantity as a
+held-out force RMSE).
 
-Criteria (Callsen et al. 2026, methods.md §3; VASP ML_CTIFOR / ML_ICRITERIA):
+The user states one number, ``target``: the force error they accept. It decides
+(Callsen et al. 2026, methods.md §3; VASP ML_CTIFOR / ML_ICRITERIA; aims-PAX):
 
-* relative: score > ``rel_factor`` × trajectory-averaged error (rolling mean of
-  the previous ``window`` scores);
-* absolute: score > the absolute threshold (``abs_cap``, or the adaptive one);
+* a frame whose score is under the target is never sent to the reference;
+* relative: score > ``rel_factor`` × trajectory-averaged error (the rolling
+  mean over the last ``window`` MD steps);
+* absolute: score > the history threshold, mean × (1 + ``adaptive_cx``) of
+  the last ``adaptive_history`` scores, updated only while that history is
+  stable (VASP ML_ICRITERIA = 1; ``abs_cap``, if given, is its starting value,
+  and the fixed threshold with ``adaptive = False``);
 * average: the trajectory-averaged error itself above ``target``;
 * emergency brake: score > ``hard_cap`` (or not finite) → stop the step, roll
   the walker back to the last trusted frame, label the offending frame at once.
 
 Convergence: ``converge_windows`` consecutive call-free windows with the
-trajectory-averaged error below ``target``; with ``subblock_target`` set (the
-lattice-dynamics model), also the sub-block Bayesian error of a larger supercell
-(:func:`almd.uncertainty.bayes_convergence.subblock_convergence`), recorded with
-:meth:`Trigger.record_subblock_error` after the last call, below that target.
+trajectory-averaged error below ``target``. Learning then stops (production):
+no criterion calls any more, except the brake. An audit every ``audit_every``
+quiet steps (:attr:`Action.AUDIT`, converged or not) labels one frame to check
+the calibrated score against the true error (:meth:`Trigger.record_audit`);
+a failed audit ends production and learning resumes. With ``subblock_target``
+set (the lattice-dynamics model), convergence also needs the sub-block Bayesian
+error of a larger supercell, recorded with :meth:`Trigger.record_subblock_error`
+after the last call, below that target.
 
-Calls are never closer than ``min_spacing`` steps, except for the brake.
-The full state serialises to JSON for exact, bit-for-bit restarts.
+Scores of steps that were not scored are not fed. Calls are never closer than
+``min_spacing`` steps, except the brake. The full state serialises to JSON for
+exact, bit-for-bit restarts.
 """
 
 from __future__ import annotations
@@ -30,20 +41,24 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "DEFAULT_WINDOW",
     "Action",
     "Decision",
     "Trigger",
     "TriggerSettings",
 ]
 
-_STATE_VERSION = 2  # 2: sub-block error; version-1 states still load
+_STATE_VERSION = 3  # 3: windows in MD steps, audits, production; versions 1 and 2 still load
+
+#: window (MD steps) when the settings give none and no run length is known
+DEFAULT_WINDOW = 1000
 
 
 @dataclass(frozen=True)
@@ -52,16 +67,19 @@ class TriggerSettings:
 
     Attributes
     ----------
-        window: length of the rolling window (steps) that defines the
-            trajectory-averaged error and the blocks of the convergence test.
+        target: the force error the user accepts (eV/Å), compared with the
+            calibrated score. Frames under it are never called; the trajectory
+            average above it calls; under it for ``converge_windows`` call-free
+            windows the run is converged. ``None``: no target, no convergence.
+        window: the rolling window in MD steps that defines the
+            trajectory-averaged error and the blocks of the convergence test;
+            ``None``: fitted to the run (:meth:`for_run`: a twentieth of it, in
+            [20, 1000]).
         rel_factor: c in "score > c × rolling mean" (dimensionless, > 1).
-        abs_cap: absolute threshold on a single score (eV/Å); ``None`` disables it.
-            Also the starting value of the adaptive threshold.
+        abs_cap: a fixed absolute threshold on a single score (eV/Å); ``None``
+            disables it. Also the starting value of the history threshold.
         hard_cap: emergency-brake level (eV/Å); ``None`` disables the brake
             (non-finite scores still brake).
-        target: target for the trajectory-averaged error (eV/Å); above it a call
-            is made, below it for ``converge_windows`` call-free windows the run
-            is converged. ``None`` disables both.
         min_spacing: minimum number of steps between two calls.
         min_history: scores needed in the window before the relative and the
             average criteria are trusted (a mean of 3 numbers is noise).
@@ -70,31 +88,37 @@ class TriggerSettings:
             on a fresh window before asking again).
         converge_windows: M, the number of consecutive call-free windows with
             the trajectory-averaged error below ``target`` that mean convergence.
-        adaptive: update the absolute threshold as in VASP's ML_ICRITERIA=1.
+        adaptive: the history threshold, VASP's ML_ICRITERIA = 1.
         adaptive_cx: c_x in "threshold = history mean × (1 + c_x)".
-        adaptive_history: number of scores in the adaptive history.
+        adaptive_history: number of scores in the history.
         adaptive_max_spread: update only if std/mean of the history is below this.
         adaptive_max_slope: update only if |fitted slope| × history length / mean
             (the relative drift across the history) is below this.
+        audit_every: an audit after this many steps without a call or an audit;
+            ``None``: ``converge_windows`` × ``window``; 0: never.
+        audit_tolerance: an audit fails when the true error of its frame exceeds
+            both this × its calibrated score and ``target``.
         subblock_target: if set (eV/Å), convergence also needs a sub-block Bayesian
             error below it, recorded for the current model (after the last call)
             with :meth:`Trigger.record_subblock_error`. Needs ``target``.
     """
 
-    window: int = 1000
+    target: float | None = 0.05
+    window: int | None = None
     rel_factor: float = 3.0
-    abs_cap: float | None = 0.02
+    abs_cap: float | None = None
     hard_cap: float | None = 1.0
-    target: float | None = None
     min_spacing: int = 10
     min_history: int = 20
     target_spacing: int | None = None
     converge_windows: int = 3
-    adaptive: bool = False
+    adaptive: bool = True
     adaptive_cx: float = 0.2
-    adaptive_history: int = 400
+    adaptive_history: int = 50
     adaptive_max_spread: float = 0.4
     adaptive_max_slope: float = 0.2
+    audit_every: int | None = None
+    audit_tolerance: float = 1.5
     subblock_target: float | None = None
 
     def __post_init__(self) -> None:
@@ -114,29 +138,34 @@ class TriggerSettings:
                 and v > 0
             )
 
-        for name in ("window", "min_spacing", "adaptive_history", "converge_windows"):
+        for name in ("min_spacing", "adaptive_history", "converge_windows"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 bad(name, "an integer >= 1")
-        if not is_int(self.min_history) or not 1 <= self.min_history <= self.window:
-            bad("min_history", f"an integer in [1, window={self.window}]")
-        if self.target_spacing is not None and (
-            not is_int(self.target_spacing) or self.target_spacing < 1
-        ):
-            bad("target_spacing", "None or an integer >= 1")
+        for name in ("window", "target_spacing"):
+            v = getattr(self, name)
+            if v is not None and (not is_int(v) or v < 1):
+                bad(name, "None or an integer >= 1 (MD steps)")
+        if self.audit_every is not None and (not is_int(self.audit_every) or self.audit_every < 0):
+            bad("audit_every", "None, 0 (no audits) or an integer >= 1 (MD steps)")
+        window = DEFAULT_WINDOW if self.window is None else self.window
+        if not is_int(self.min_history) or not 1 <= self.min_history <= window:
+            bad("min_history", f"an integer in [1, window={window}]")
         if not is_pos(self.rel_factor) or self.rel_factor <= 1:
             bad("rel_factor", "a finite number > 1")
+        if not is_pos(self.audit_tolerance) or self.audit_tolerance < 1:
+            bad("audit_tolerance", "a finite number >= 1")
         for name in ("abs_cap", "hard_cap", "target", "subblock_target"):
             v = getattr(self, name)
             if v is not None and not is_pos(v):
                 bad(name, "None or a finite force > 0 in eV/Å")
-        if self.hard_cap is not None and self.abs_cap is not None and self.hard_cap <= self.abs_cap:
-            bad("hard_cap", f"greater than abs_cap = {self.abs_cap} eV/Å")
+        for name in ("abs_cap", "target"):
+            v = getattr(self, name)
+            if self.hard_cap is not None and v is not None and self.hard_cap <= v:
+                bad("hard_cap", f"greater than {name} = {v} eV/Å")
         if self.subblock_target is not None and self.target is None:
             bad("subblock_target", "None when target is None (it adds to that convergence test)")
         if not isinstance(self.adaptive, bool):
             bad("adaptive", "True or False")
-        if self.adaptive and self.abs_cap is None:
-            bad("adaptive", "False when abs_cap is None (abs_cap is its starting value)")
         if not is_pos(self.adaptive_cx) and self.adaptive_cx != 0:
             bad("adaptive_cx", "a finite number >= 0")
         for name in ("adaptive_max_spread", "adaptive_max_slope"):
@@ -156,6 +185,24 @@ class TriggerSettings:
                 )
         return cls(**d)
 
+    def for_run(self, steps: int) -> "TriggerSettings":
+        """These settings with the window fitted to a run of ``steps`` MD steps, if none was given."""
+        if self.window is not None:
+            return self
+        window = int(min(DEFAULT_WINDOW, max(20, steps // 20)))
+        return replace(self, window=window, min_history=min(self.min_history, window))
+
+    @property
+    def window_steps(self) -> int:
+        return DEFAULT_WINDOW if self.window is None else self.window
+
+    @property
+    def audit_steps(self) -> int:
+        """MD steps between audits (0: none)."""
+        if self.audit_every is not None:
+            return self.audit_every
+        return self.converge_windows * self.window_steps if self.target is not None else 0
+
 
 class Action(str, Enum):
     """What the walker must do after a step."""
@@ -163,6 +210,7 @@ class Action(str, Enum):
     NONE = "none"  #: carry on
     LABEL = "label"  #: label a frame (this one or the best candidates), refit, carry on
     BRAKE = "brake"  #: stop the step, roll back to ``rollback_to``, label this frame now
+    AUDIT = "audit"  #: label this frame to check the score; report with Trigger.record_audit
 
 
 @dataclass(frozen=True)
@@ -170,9 +218,9 @@ class Decision:
     """The trigger's verdict on one step. Forces in eV/Å.
 
     ``reasons`` lists the criteria the score met ("hard_cap", "non_finite",
-    "relative", "absolute", "average"), even when ``min_spacing`` suppressed the
-    call (``suppressed``); such frames are still good candidates for
-    :func:`select_frames` at the next call.
+    "relative", "absolute", "average"), even when ``min_spacing`` or production
+    suppressed the call (``suppressed``); such frames are still good candidates
+    for :func:`select_frames` at the next call.
     """
 
     step: int
@@ -186,13 +234,17 @@ class Decision:
 
     @property
     def call(self) -> bool:
-        """True when a reference calculation must be made."""
+        """True when a reference calculation must be made (audits included)."""
         return self.action is not Action.NONE
 
     @property
     def stop(self) -> bool:
         """True when the step must be discarded and the walker rolled back."""
         return self.action is Action.BRAKE
+
+    @property
+    def audit(self) -> bool:
+        return self.action is Action.AUDIT
 
     @property
     def candidate(self) -> bool:
@@ -213,17 +265,23 @@ class Decision:
 class Trigger:
     """Stateful trigger over a stream of per-step uncertainty scores (eV/Å)."""
 
-    def __init__(self, settings: TriggerSettings | None = None) -> None:
+    def __init__(self, settings: TriggerSettings | None = None, stationary_from: int = 0) -> None:
         self.settings = settings or TriggerSettings()
         s = self.settings
-        # Twice the window is kept so that a rollback (brake) can restore the
-        # entries the abandoned branch pushed out; only the last `window` count.
-        self._window: deque[float] = deque(maxlen=2 * s.window)
-        self._wsteps: deque[int] = deque(maxlen=2 * s.window)  # step of each entry
+        # windows count towards convergence only from this step on: while the walker's conditions
+        # still change (a temperature ramp), a quiet window says nothing about what comes next
+        self.stationary_from = int(stationary_from)
+        self.window = s.window_steps
+        # Scores of the last 2 windows (in steps) are kept so that a rollback (brake) can
+        # restore the entries the abandoned branch pushed out; only the last window counts.
+        self._window: deque[float] = deque()
+        self._wsteps: deque[int] = deque()  # step of each entry
         self._last_step: int | None = None
         self._last_call: int | None = None
         self._last_avg_call: int | None = None
         self._last_trusted: int | None = None
+        self._last_audit: int | None = None
+        self._first_step: int | None = None
         self._threshold: float | None = s.abs_cap
         self._adapt: deque[float] = deque(maxlen=2 * s.adaptive_history)
         self._asteps: deque[int] = deque(maxlen=2 * s.adaptive_history)
@@ -232,31 +290,50 @@ class Trigger:
         self._block_start: int | None = None
         self._block_ok = True
         self._good_blocks = 0
+        self._converged_at: int | None = None  # step learning stopped (production since)
         # Latest sub-block error and n_calls when it was recorded: a later call
         # refits the model, so the value no longer describes it.
         self._subblock: tuple[float, int] | None = None
         self.n_calls = 0
         self.n_brakes = 0
+        self.n_audits = 0
+        self.n_audit_failures = 0
+        self.audits: list[dict[str, Any]] = []  # step, true error, score, passed
 
     # ------------------------------------------------------------------ queries
+    def _recent(self) -> list[float]:
+        """Scores of the last ``window`` MD steps, oldest first."""
+        if self._last_step is None:
+            return []
+        since = self._last_step - self.window
+        return [v for v, t in zip(self._window, self._wsteps) if t > since]
+
     @property
     def rolling_mean(self) -> float:
         """Trajectory-averaged error (eV/Å) over the window; nan when empty."""
         # fsum: order-independent exact sum, so restored state gives identical means.
-        recent = _last(self._window, self.settings.window)
+        recent = self._recent()
         return math.fsum(recent) / len(recent) if recent else math.nan
 
     @property
     def threshold(self) -> float | None:
-        """Current absolute threshold (eV/Å): ``abs_cap`` or its adapted value."""
+        """Current absolute threshold (eV/Å): ``abs_cap`` or the history's."""
         return self._threshold
 
     @property
     def converged(self) -> bool:
-        """True after ``converge_windows`` call-free windows below ``target`` and,
-        with ``subblock_target`` set, a sub-block error below it recorded since the
-        last call.
+        """True in production: after ``converge_windows`` call-free windows below
+        ``target`` (and, with ``subblock_target`` set, a sub-block error below it
+        recorded since the last call), until a failed audit or a brake.
         """
+        return self._converged_at is not None
+
+    @property
+    def converged_at(self) -> int | None:
+        """The step learning stopped; None while learning."""
+        return self._converged_at
+
+    def _convergence_met(self) -> bool:
         s = self.settings
         if s.target is None or self._good_blocks < s.converge_windows:
             return False
@@ -281,8 +358,28 @@ class Trigger:
         if not error >= 0:  # also rejects nan
             raise ValueError(f"sub-block error {error!r}: must be a force >= 0 in eV/Å")
         self._subblock = (error, self.n_calls)
+        if self._convergence_met() and self._last_step is not None:
+            self._converged_at = self._last_step
         t = self.settings.subblock_target
         return t is not None and error < t
+
+    def record_audit(self, step: int, true_error: float, score: float) -> bool:
+        """The outcome of the audit of ``step``: the true force error (eV/Å, the same
+        measure as the score) against the calibrated ``score``. Returns whether it
+        passed; a failed audit ends production and starts the convergence test afresh.
+        """
+        s = self.settings
+        allowed = max(s.audit_tolerance * float(score), s.target or 0.0)
+        passed = bool(float(true_error) <= allowed)
+        self.audits.append({"step": int(step), "true_error": float(true_error), "score": float(score),
+                            "passed": passed})
+        if not passed:
+            self.n_audit_failures += 1
+            self._converged_at = None
+            self._good_blocks = 0
+            self._block_start = self._last_step
+            self._block_ok = True
+        return passed
 
     @property
     def last_call(self) -> int | None:
@@ -305,7 +402,7 @@ class Trigger:
         score = float(score)
         self._last_step = step
         if self._block_start is None:
-            self._block_start = step
+            self._block_start = self._first_step = step
         mean = self.rolling_mean
         thr = self._threshold
         thr_out = math.nan if thr is None else thr
@@ -314,31 +411,21 @@ class Trigger:
         if not math.isfinite(score) or (s.hard_cap is not None and score > s.hard_cap):
             reason = "non_finite" if not math.isfinite(score) else "hard_cap"
             self.n_brakes += 1
+            self._converged_at = None  # a model that blows up has not converged
             self._register_call(step)
             self._rollback(self._last_trusted)
             return Decision(step, score, Action.BRAKE, (reason,), mean, thr_out,
                             rollback_to=self._last_trusted)
 
-        reasons: list[str] = []
-        enough = min(len(self._window), s.window) >= s.min_history
-        if enough and score > s.rel_factor * mean:
-            reasons.append("relative")
-        if thr is not None and score > thr:
-            reasons.append("absolute")
-        # The average criterion looks at the window including this step.
-        self._window.append(score)
-        self._wsteps.append(step)
-        new_mean = self.rolling_mean
-        avg_hit = s.target is not None and enough and new_mean > s.target
-        if avg_hit:
-            reasons.append("average")
+        reasons = self._criteria(step, score, mean)
+        if "average" in reasons:
             self._block_ok = False
         self._adapt_threshold(step, score)
 
         spaced = self._last_call is None or step - self._last_call >= s.min_spacing
-        fire = bool(reasons) and spaced
+        fire = bool(reasons) and spaced and not self.converged
         if fire and reasons == ["average"]:
-            gap = s.window if s.target_spacing is None else s.target_spacing
+            gap = self.window if s.target_spacing is None else s.target_spacing
             ref = self._last_avg_call
             fire = ref is None or step - ref >= gap
             if fire:
@@ -347,10 +434,43 @@ class Trigger:
             self._last_trusted = step
         if fire:
             self._register_call(step)
+            action = Action.LABEL
         else:
             self._close_block(step)
-        return Decision(step, score, Action.LABEL if fire else Action.NONE,
-                        tuple(reasons), mean, thr_out, suppressed=bool(reasons) and not fire)
+            action = Action.AUDIT if self._audit_due(step) else Action.NONE
+            if action is Action.AUDIT:
+                self._last_audit = step
+                self.n_audits += 1
+        return Decision(step, score, action, tuple(reasons), mean, thr_out,
+                        suppressed=bool(reasons) and not fire)
+
+    def _criteria(self, step: int, score: float, mean: float) -> list[str]:
+        """The criteria ``score`` meets; appends it to the window."""
+        s = self.settings
+        reasons: list[str] = []
+        enough = len(self._recent()) >= s.min_history
+        under_target = s.target is not None and score <= s.target  # what the user accepts
+        if enough and score > s.rel_factor * mean and not under_target:
+            reasons.append("relative")
+        thr = self._threshold
+        if thr is not None and score > thr and not under_target:
+            reasons.append("absolute")
+        # The average criterion looks at the window including this step.
+        self._window.append(score)
+        self._wsteps.append(step)
+        while self._wsteps and self._wsteps[0] <= step - 2 * self.window:
+            self._wsteps.popleft()
+            self._window.popleft()
+        if s.target is not None and enough and self.rolling_mean > s.target:
+            reasons.append("average")
+        return reasons
+
+    def _audit_due(self, step: int) -> bool:
+        every = self.settings.audit_steps
+        if every <= 0:
+            return False
+        since = max(t for t in (self._last_call, self._last_audit, self._first_step) if t is not None)
+        return step - since >= every
 
     def _rollback(self, to: int | None) -> None:
         """Forget the abandoned branch: the walker re-runs the steps after ``to``
@@ -375,12 +495,14 @@ class Trigger:
         s = self.settings
         if s.target is None or self._block_start is None:
             return
-        if step - self._block_start >= s.window:
-            full = len(self._window) >= s.min_history
-            ok = self._block_ok and full and self.rolling_mean < s.target
+        if step - self._block_start >= self.window:
+            full = len(self._recent()) >= s.min_history
+            ok = self._block_ok and full and self.rolling_mean < s.target and self._block_start >= self.stationary_from
             self._good_blocks = self._good_blocks + 1 if ok else 0
             self._block_start = step
             self._block_ok = True
+            if not self.converged and self._convergence_met():
+                self._converged_at = step
 
     def _adapt_threshold(self, step: int, score: float) -> None:
         """VASP ML_ICRITERIA=1-like update: only when the history is stable."""
@@ -412,6 +534,7 @@ class Trigger:
         return {
             "version": _STATE_VERSION,
             "settings": asdict(self.settings),
+            "stationary_from": self.stationary_from,
             "window": list(self._window),
             "window_steps": list(self._wsteps),
             "adapt": list(self._adapt),
@@ -420,20 +543,31 @@ class Trigger:
             "last_call": self._last_call,
             "last_avg_call": self._last_avg_call,
             "last_trusted": self._last_trusted,
+            "last_audit": self._last_audit,
+            "first_step": self._first_step,
             "threshold": self._threshold,
             "block_start": self._block_start,
             "block_ok": self._block_ok,
             "good_blocks": self._good_blocks,
+            "converged_at": self._converged_at,
             "n_calls": self.n_calls,
             "n_brakes": self.n_brakes,
+            "n_audits": self.n_audits,
+            "n_audit_failures": self.n_audit_failures,
+            "audits": self.audits,
             "subblock": None if self._subblock is None else list(self._subblock),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "Trigger":
-        if state.get("version") not in (1, _STATE_VERSION):
-            raise ValueError(f"Trigger state version {state.get('version')!r} != {_STATE_VERSION}")
-        trig = cls(TriggerSettings.from_dict(state["settings"]))
+        version = state.get("version")
+        if version not in (1, 2, _STATE_VERSION):
+            raise ValueError(f"Trigger state version {version!r} != {_STATE_VERSION}")
+        settings = dict(state["settings"])
+        if version < 3:  # the old defaults, spelt out: a resumed old run keeps its behaviour
+            settings = {"target": None, "abs_cap": 0.02, "adaptive": False, "adaptive_history": 400,
+                        "window": 1000, "audit_every": 0, **settings}
+        trig = cls(TriggerSettings.from_dict(settings), int(state.get("stationary_from", 0)))
         trig._window.extend(float(v) for v in state["window"])
         trig._adapt.extend(float(v) for v in state["adapt"])
         trig._wsteps.extend(int(v) for v in state["window_steps"])
@@ -442,12 +576,20 @@ class Trigger:
         trig._last_call = state["last_call"]
         trig._last_avg_call = state["last_avg_call"]
         trig._last_trusted = state["last_trusted"]
+        trig._last_audit = state.get("last_audit")
+        trig._first_step = state.get("first_step", trig._wsteps[0] if trig._wsteps else None)
         trig._threshold = state["threshold"]
         trig._block_start = state["block_start"]
         trig._block_ok = bool(state["block_ok"])
         trig._good_blocks = int(state["good_blocks"])
+        trig._converged_at = state.get("converged_at")
+        if version < 3 and trig._convergence_met():
+            trig._converged_at = trig._last_step
         trig.n_calls = int(state["n_calls"])
         trig.n_brakes = int(state["n_brakes"])
+        trig.n_audits = int(state.get("n_audits", 0))
+        trig.n_audit_failures = int(state.get("n_audit_failures", 0))
+        trig.audits = list(state.get("audits", []))
         sub = state.get("subblock")  # absent from version-1 states
         trig._subblock = None if sub is None else (float(sub[0]), int(sub[1]))
         return trig

@@ -57,6 +57,9 @@ class WalkerSettings:
     seed: int = 0
     max_force: float = 50.0  #: a larger force (or a non-finite one) is a blow-up
     keep: int = 1000  #: recent frames kept for frame selection (the trigger's window)
+    #: temperature stages after which the last temperature is held, each [steps, T] (constant) or
+    #: [steps, T_start, T_end] (linear ramp), K; empty: ``temperature`` throughout (Langevin only)
+    schedule: list[list[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.dynamics not in DYNAMICS:
@@ -70,6 +73,40 @@ class WalkerSettings:
             raise WalkerError(f"friction = {self.friction!r} must be > 0 (1/fs) for Langevin dynamics")
         if self.keep < 1:
             raise WalkerError(f"keep = {self.keep!r} must be >= 1")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        allowed = "a list of stages [steps, T] or [steps, T_start, T_end], steps >= 1, T >= 0 K"
+        if not isinstance(self.schedule, (list, tuple)):
+            raise WalkerError(f"schedule = {self.schedule!r}: must be {allowed}")
+        for stage in self.schedule:
+            ok = isinstance(stage, (list, tuple)) and len(stage) in (2, 3) and \
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stage)
+            if not ok or stage[0] < 1 or int(stage[0]) != stage[0] or min(stage[1:]) < 0:
+                raise WalkerError(f"schedule stage {stage!r}: must be {allowed}")
+        if self.schedule and self.dynamics != "langevin":
+            raise WalkerError(f"schedule with dynamics = {self.dynamics!r}: a temperature schedule needs a thermostat "
+                              "(dynamics = 'langevin')")
+
+    def temperature_at(self, step: int) -> float:
+        """Thermostat temperature (K) of MD step ``step`` (1 is the first step; 0 the start)."""
+        done = 0
+        for stage in self.schedule:
+            n, start, end = int(stage[0]), float(stage[1]), float(stage[-1])
+            if step <= done + n:
+                return start + (end - start) * max(step - done, 0) / n
+            done += n
+        return float(self.schedule[-1][-1]) if self.schedule else self.temperature
+
+    @property
+    def schedule_steps(self) -> int:
+        """MD steps until the last temperature is reached (0 without a schedule)."""
+        return int(sum(stage[0] for stage in self.schedule))
+
+    @property
+    def top_temperature(self) -> float:
+        """The highest thermostat temperature of the run (K)."""
+        return max([self.temperature] if not self.schedule else [float(v) for st in self.schedule for v in st[1:]])
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "WalkerSettings":
@@ -144,11 +181,11 @@ class Walker:
         if state is None:
             self.atoms = atoms.copy()
             self.step = 0
-            if not self.atoms.get_momenta().any() and s.temperature > 0:
+            if not self.atoms.get_momenta().any() and s.temperature_at(0) > 0:
                 from ase.parallel import DummyMPI
 
                 # comm: this walker's own draw (ASE's default broadcasts rank 0's under MPI)
-                thermalize_momenta(self.atoms, temperature_K=s.temperature, rng=self.rng, comm=DummyMPI())
+                thermalize_momenta(self.atoms, temperature_K=s.temperature_at(0), rng=self.rng, comm=DummyMPI())
                 Stationary(self.atoms)
         else:
             self.atoms, self.step = state.atoms(), state.step
@@ -170,7 +207,7 @@ class Walker:
             from ase.md.langevin import Langevin
 
             # fixcm=False: the deprecated centre-of-mass fix does not sample NVT correctly
-            return Langevin(self.atoms, s.timestep * units.fs, temperature_K=s.temperature,
+            return Langevin(self.atoms, s.timestep * units.fs, temperature_K=s.temperature_at(self.step + 1),
                             friction=s.friction / units.fs, fixcm=False, rng=self.rng, comm=DummyMPI())
         from ase.md.verlet import VelocityVerlet
 
@@ -223,6 +260,8 @@ class Walker:
     # ---------------------------------------------------------------- dynamics
     def advance(self) -> StepRecord:
         """One MD step. A blow-up is reported, not raised; the caller decides (usually rollback)."""
+        if self.settings.schedule:  # the schedule's position is the step: a resumed ramp neither repeats nor skips
+            self.dynamics.set_temperature(temperature_K=self.settings.temperature_at(self.step + 1))
         with np.errstate(all="ignore"):
             self.dynamics.step()
         self.step += 1

@@ -234,6 +234,10 @@ class LabelDatabase:
     def validation_set(self) -> list[Atoms]:
         return self.frames(status="ok", split="validation")
 
+    def test_set(self) -> list[Atoms]:
+        """Labels kept for the final test (split "test"): never trained or calibrated on."""
+        return self.frames(status="ok", split="test")
+
     def failures(self) -> list[tuple[Atoms, str]]:
         """Failed calls with their error text."""
         return [(r.toatoms(), r.data.get("error", "")) for r in self._db.select(status="failed")]
