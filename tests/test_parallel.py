@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -22,7 +23,12 @@ def test_two_ranks_reproduce_the_serial_campaign(tmp_path):
     import torch
 
     serial = tmp_path / "serial"
-    small_si_toml(tmp_path / "serial.toml", serial, 10, walkers=2)
+    # with audits (served on rank 0, their outcome sent back to the walker's rank) and test frames
+    extra = {"trigger": {"window": 20, "min_history": 3, "abs_cap": 0.04, "min_spacing": 4, "target": 0.001,
+                         "adaptive": False, "audit_every": 4},
+             "learning": {"initial_labels": 2, "initial_calibration": 1, "phonons": False, "test_frames": 1,
+                          "test_spacing": 2}}
+    small_si_toml(tmp_path / "serial.toml", serial, 10, walkers=2, **extra)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank below: the bits of a sum depend on how it is split
     try:
@@ -31,13 +37,16 @@ def test_two_ranks_reproduce_the_serial_campaign(tmp_path):
         torch.set_num_threads(threads)
     assert result.calls >= 1
 
-    toml = small_si_toml(tmp_path / "campaign.toml", tmp_path / "mpi", 10, walkers=2)
+    toml = small_si_toml(tmp_path / "campaign.toml", tmp_path / "mpi", 10, walkers=2, **extra)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([mpiexec, "-n", "2", sys.executable, "-m", "almd.cli", "run", str(toml)],
                          capture_output=True, text=True, env=env, timeout=1200)
     assert out.returncode == 0, out.stdout + out.stderr
     for name in ("walker-0.json", "walker-1.json", "steps.csv"):
         assert (tmp_path / "mpi" / name).read_text() == (serial / name).read_text(), name
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (serial, tmp_path / "mpi")]
+    assert summaries[0]["oracle_calls"] == summaries[1]["oracle_calls"]
+    assert summaries[0]["oracle_calls"]["test"] == 2 and summaries[0]["audits"] == summaries[1]["audits"]
 
 
 def test_an_error_on_one_rank_ends_the_whole_job_with_its_traceback(tmp_path):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from almd.campaign.trigger import TriggerSettings
+from almd.campaign.trigger_settings import TriggerSettings
 from almd.campaign.walker import WalkerSettings
 from almd.settings import ConfigError, TomlSettings, bad
 

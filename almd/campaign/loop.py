@@ -48,7 +48,6 @@ from almd.campaign.state import (
     read_checkpoint,
     resumable,
     truncate_log,
-    update_checkpoint,
     write_checkpoint,
 )
 from almd.campaign.trigger import Action, Decision, Trigger
@@ -207,26 +206,11 @@ class Campaign:
             self._refit(ens, labelled)
             self.since_finetune = 0  # the initial labels do not count towards a fine-tune
             if le.phonons:
-                self.phonons = self._phonon_labels()
+                from almd.campaign.phonon_labels import bootstrap_phonons
+
+                self.phonons = bootstrap_phonons(self)
         self.comm.bcast(ens.head_state())
         return ens
-
-    def _phonon_labels(self) -> dict[str, Any]:
-        """The reference's phonons of the start structure (labelled, stored, kept as a phonopy file)
-        and the base model's errors against them; empty if a calculation failed.
-        """
-        from almd.campaign.phonon_labels import PHONON_FILE, phonon_errors, phonon_labels
-        from almd.potentials.calculator import Calculator
-
-        def label(cells: list[Atoms]) -> list[Atoms]:
-            return self._label(cells, walker=-1, step=0, reason="phonon", splits=["phonon"] * len(cells))
-
-        path = phonon_labels(self.config, self.output, label)
-        if path is None:
-            return {}
-        with self._timed("phonons"):
-            base = phonon_errors(path, Calculator(self.config.model.backbone, dtype=self.config.model.dtype))
-        return {"file": str(PHONON_FILE), "base": base}
 
     def _unfitted_ensemble(self):
         """The campaign's ensemble on its current backbone, heads not yet fitted or loaded."""
@@ -478,7 +462,9 @@ class Campaign:
                 bar.close()
                 fh.close()
                 self.lock.release()
-        test = self._test_frames() if stopped is None else []
+        from almd.campaign.outcome import label_test_frames, record_outcome
+
+        test = label_test_frames(self) if stopped is None else []
         rmse = self.held_out_force_rmse(test) if self.root else None
         rolling = self.comm.gather({k: t.rolling_mean for k, t in self.triggers.items()})
         steps = self.comm.gather({k: w.step for k, w in self.walkers.items()})
@@ -492,71 +478,18 @@ class Campaign:
         at = {k: v for part in converged_at for k, v in part.items()}
         converged = all(v is not None for v in at.values())
         if stopped is None:
-            self._record_outcome(rmse, test, converged, max(at.values()) if converged else None)
+            record_outcome(self, rmse, test, converged, max(at.values()) if converged else None)
         return CampaignResult({k: v for part in steps for k, v in part.items()}, len(self.database) - failures,
                               failures, calls, brakes, converged,
                               self.model_version, time.perf_counter() - t0, self.output, rmse,
                               {k: v for part in rolling for k, v in part.items()}, self.backbone,
                               len(self.finetunes), stopped)
 
-    def _test_frames(self) -> list[Atoms]:
-        """Frames from the end of the run, labelled and never learnt from (rank 0 gets them all).
-
-        Each walker goes on ``learning.test_frames`` × ``test_spacing`` MD steps past its last
-        step with the final model and keeps every ``test_spacing``-th frame: the top of the
-        temperature schedule, where the campaign ends. The same steps follow the last
-        checkpoint in a resumed run, so the test frames are the same too.
-        """
-        le = self.config.learning
-        frames = []
-        for k, w in self.walkers.items():
-            for i in range(le.test_frames * le.test_spacing):
-                w.advance()
-                if (i + 1) % le.test_spacing == 0:
-                    frames.append((k, w.step, bare(w.atoms)))
-        gathered = self.comm.gather(frames)
-        if not self.root:
-            return []
-        frames = sorted((f for part in gathered for f in part), key=lambda f: (f[0], f[1]))
-        labelled = []
-        for k, step, atoms in frames:
-            labelled += self._label([atoms], walker=k, step=step, reason="test", splits=["test"])
-        return labelled
-
-    def _record_outcome(self, rmse: float, test: list[Atoms], converged: bool, converged_at: int | None) -> None:
-        """Held-out errors (final and base model), phonon errors, convergence, then ``summary.json`` and
-        the uncertainty plot (rank 0).
-        """
-        from almd.campaign.plots import plot_uncertainty
-        from almd.campaign.report import write_summary
-        from almd.potentials.calculator import Calculator
-
-        held = test or self.database.validation_set()
-        base = Calculator(self.config.model.backbone, dtype=self.config.model.dtype)
-        errors = [np.asarray(a.get_forces()) - base.get_forces(bare(a)) for a in held]
-        base_rmse = float(np.sqrt(np.mean(np.concatenate(errors) ** 2))) if errors else float("nan")
-        phonons = dict(self.phonons)
-        if phonons.get("file"):
-            from almd.campaign.phonon_labels import phonon_errors
-
-            with self._timed("phonons"):
-                phonons["final"] = phonon_errors(self.output / phonons["file"], Calculator(self.ensemble))
-        update_checkpoint(self.output, heldout={"frames": len(held), "set": "test" if test else "validation",
-                                                "final": _finite(rmse), "base": _finite(base_rmse)},
-                          phonons=phonons, converged=converged, converged_at_step=converged_at,
-                          timings=self.timings)
-        write_summary(self.output)
-        plot_uncertainty(self.output)
-
     def held_out_force_rmse(self, frames: list[Atoms] | None = None) -> float:
         """Force RMSE (eV/Å) of the ensemble mean on ``frames`` (default: the labels it was not fitted on; rank 0)."""
-        frames = frames or self.database.validation_set()
-        errors = [np.asarray(a.get_forces()) - self.ensemble.predict(a)["forces"] for a in frames]
-        return float(np.sqrt(np.mean(np.concatenate(errors) ** 2))) if errors else float("nan")
+        from almd.campaign.outcome import force_rmse
 
-
-def _finite(value: float) -> float | None:
-    return value if np.isfinite(value) else None  # JSON has no nan
+        return force_rmse(self.ensemble.predict, frames or self.database.validation_set())
 
 
 def _restart_uncertainty(walker: Walker) -> None:

@@ -15,7 +15,7 @@ and Brillouin-zone MAE).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from ase import Atoms
@@ -23,7 +23,10 @@ from ase.calculators.calculator import Calculator as AseCalculator
 
 from almd.campaign.config import CampaignConfig, unit_structure
 
-__all__ = ["PHONON_FILE", "PHONON_METRICS", "displacement_set", "phonon_errors", "phonon_labels"]
+if TYPE_CHECKING:
+    from almd.campaign.loop import Campaign
+
+__all__ = ["PHONON_FILE", "PHONON_METRICS", "bootstrap_phonons", "displacement_set", "phonon_errors", "phonon_labels"]
 
 #: the reference's phonon set, relative to the run directory
 PHONON_FILE = Path("phonons") / "phonopy_params.yaml"
@@ -73,3 +76,21 @@ def phonon_errors(path: str | Path, calculator: AseCalculator) -> dict[str, floa
 
     _, _, errors = phonons_vs_reference(str(path), calculator)
     return {k: float(errors[k]) for k in PHONON_METRICS if k in errors}
+
+
+def bootstrap_phonons(campaign: Campaign) -> dict[str, Any]:
+    """The campaign's phonon labels (stored, kept as a phonopy file) and the base model's errors
+    against them, for ``campaign.json``; empty if a reference calculation failed.
+    """
+    from almd.potentials.calculator import Calculator
+
+    def label(cells: list[Atoms]) -> list[Atoms]:
+        return campaign._label(cells, walker=-1, step=0, reason="phonon", splits=["phonon"] * len(cells))
+
+    path = phonon_labels(campaign.config, campaign.output, label)
+    if path is None:
+        return {}
+    model = campaign.config.model
+    with campaign._timed("phonons"):
+        base = phonon_errors(path, Calculator(model.backbone, dtype=model.dtype))
+    return {"file": str(PHONON_FILE), "base": base}

@@ -42,12 +42,12 @@ def plot_uncertainty(run_dir: str | Path) -> Path:
         mine = [r for r in rows if int(r["walker"]) == k]
         step = [int(r["step"]) for r in mine]
         colour = f"C{k % 10}"
-        ax.plot(step, [_float(r["score"]) for r in mine], lw=0.6, alpha=0.6, color=colour,
-                label=f"walker {k}: calibrated score")
-        ax.plot(step, [_float(r["rolling_mean"]) for r in mine], lw=1.6, color=colour,
-                label=f"walker {k}: trajectory average")
-        ax.plot(step, [_float(r.get("threshold")) for r in mine], lw=1.0, ls=":", color=colour,
-                label=f"walker {k}: history threshold")
+        for key, style, name in (("score", {"lw": 0.6, "alpha": 0.6}, "calibrated score"),
+                                 ("rolling_mean", {"lw": 1.6}, "trajectory average"),
+                                 ("threshold", {"lw": 1.0, "ls": ":"}, "history threshold")):
+            points = [(s, _float(r.get(key))) for s, r in zip(step, mine) if math.isfinite(_float(r.get(key)))]
+            if points:  # unscored steps have no value: joined over, not broken
+                ax.plot(*zip(*points), color=colour, label=f"walker {k}: {name}", **style)
         ax_t.plot(step, [_float(r["temperature"]) for r in mine], lw=0.6, color=colour)
         for action, (marker, c, name) in MARKERS.items():
             hits = [r for r in mine if r["action"] == action]
@@ -56,11 +56,17 @@ def plot_uncertainty(run_dir: str | Path) -> Path:
                            color=c, s=28, zorder=3, label=f"{name} ({len(hits)})" if k == walkers[0] else None)
     if target is not None:
         ax.axhline(target, color="tab:purple", ls="--", lw=1.2, label=f"target {target} eV/Å")
+    schedule = state.get("config", {}).get("md", {}).get("schedule") or []
+    if schedule:
+        end = sum(stage[0] for stage in schedule)
+        for a in (ax, ax_t):
+            a.axvline(end, color="tab:orange", lw=1.0, ls="--")
+        ax_t.text(end, ax_t.get_ylim()[0], " schedule ends", va="bottom", fontsize=8, color="tab:orange")
     at = state.get("converged_at_step")
     if at is not None:
         for a in (ax, ax_t):
             a.axvline(at, color="grey", lw=1.0)
-        ax.text(at, ax.get_ylim()[1], " converged", va="top", fontsize=8, color="grey")
+        ax_t.text(at, ax_t.get_ylim()[1], " converged: production", va="top", fontsize=8, color="grey")
     ax.set_yscale("log")
     ax.set_ylabel("force uncertainty (eV/Å)")
     ax.legend(fontsize=7, ncol=2, loc="upper right")

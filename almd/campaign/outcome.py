@@ -1,0 +1,84 @@
+"""The end of a campaign: test frames labelled last, the final and base models' errors, the summary.
+
+After the last MD step every walker goes on ``learning.test_frames`` ×
+``learning.test_spacing`` steps with the final model and keeps every
+``test_spacing``-th frame: frames from the top of the temperature schedule,
+labelled (``split = "test"``) and never learnt from. The final ensemble and the
+base model are scored on them, the phonons of the final model are compared
+with the reference's, and ``summary.json`` and ``uncertainty.png`` are written.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+from ase import Atoms
+
+from almd.campaign.state import update_checkpoint
+from almd.structures import bare
+
+if TYPE_CHECKING:
+    from almd.campaign.loop import Campaign
+
+__all__ = ["force_rmse", "label_test_frames", "record_outcome"]
+
+
+def force_rmse(predict: Callable[[Atoms], dict], frames: list[Atoms]) -> float:
+    """Force RMSE (eV/Å) of ``predict(atoms)["forces"]`` against the frames' reference forces; nan if none."""
+    errors = [np.asarray(a.get_forces()) - predict(bare(a))["forces"] for a in frames]
+    return float(np.sqrt(np.mean(np.concatenate(errors) ** 2))) if errors else float("nan")
+
+
+def label_test_frames(campaign: Campaign) -> list[Atoms]:
+    """The test frames, labelled (rank 0 gets them all; the other ranks an empty list).
+
+    The same steps follow the last checkpoint in a resumed run, so a run killed while
+    they were made finds the same frames, and the labels already made, again.
+    """
+    le = campaign.config.learning
+    frames = []
+    for k, w in campaign.walkers.items():
+        for i in range(le.test_frames * le.test_spacing):
+            w.advance()
+            if (i + 1) % le.test_spacing == 0:
+                frames.append((k, w.step, bare(w.atoms)))
+    gathered = campaign.comm.gather(frames)
+    if not campaign.root:
+        return []
+    frames = sorted((f for part in gathered for f in part), key=lambda f: (f[0], f[1]))
+    labelled = []
+    for k, step, atoms in frames:
+        labelled += campaign._label([atoms], walker=k, step=step, reason="test", splits=["test"])
+    return labelled
+
+
+def record_outcome(campaign: Campaign, rmse: float, test: list[Atoms], converged: bool,
+                   converged_at: int | None) -> None:
+    """Held-out errors (final and base model), phonon errors, convergence, then ``summary.json`` and
+    the uncertainty plot (rank 0). Without test frames the held-out labels stand in.
+    """
+    from almd.campaign.plots import plot_uncertainty
+    from almd.campaign.report import write_summary
+    from almd.potentials.calculator import Calculator
+
+    cfg = campaign.config
+    held = test or campaign.database.validation_set()
+    base = Calculator(cfg.model.backbone, dtype=cfg.model.dtype)
+    base_rmse = force_rmse(lambda a: {"forces": base.get_forces(a)}, held)
+    phonons = dict(campaign.phonons)
+    if phonons.get("file"):
+        from almd.campaign.phonon_labels import phonon_errors
+
+        with campaign._timed("phonons"):
+            phonons["final"] = phonon_errors(campaign.output / phonons["file"], Calculator(campaign.ensemble))
+    update_checkpoint(campaign.output, heldout={"frames": len(held), "set": "test" if test else "validation",
+                                                "final": _finite(rmse), "base": _finite(base_rmse)},
+                      phonons=phonons, converged=converged, converged_at_step=converged_at,
+                      timings=campaign.timings)
+    write_summary(campaign.output)
+    plot_uncertainty(campaign.output)
+
+
+def _finite(value: float) -> float | None:
+    return value if np.isfinite(value) else None  # JSON has no nan
