@@ -180,8 +180,9 @@ def run_policy(name: str, args: argparse.Namespace, sets: dict[str, list]) -> di
 
     class PolicyCampaign(Campaign):
         def _trigger(self, k: int) -> Trigger:
-            return trigger_cls(self.config.trigger.for_run(self.config.run.steps),
-                               stationary_from=self.config.md.schedule_steps)
+            cfg = self.config
+            return trigger_cls(cfg.trigger.for_run(cfg.run.steps, scored_every=cfg.model.uncertainty_every),
+                               stationary_from=cfg.md.schedule_steps)
 
     t0 = time.perf_counter()
     result = PolicyCampaign(campaign_config(name, args, out)).run()

@@ -223,11 +223,21 @@ def test_window_in_md_steps_not_in_scores():
     assert len(trig._recent()) == 50
 
 
+def test_a_fitted_window_lets_the_average_criterion_fire():
+    st = TriggerSettings(target=0.01, audit_every=0).for_run(300, scored_every=2)
+    trig = Trigger(st)
+    dec = [trig.update(step, 0.02) for step in range(2, 300, 2)]
+    assert any("average" in d.reasons for d in dec)
+
+
 def test_window_fits_the_run():
     assert TriggerSettings().for_run(1500).window == 75
     assert TriggerSettings().for_run(100).window == 20
     assert TriggerSettings().for_run(10**6).window == 1000
     assert TriggerSettings(window=300).for_run(1500).window == 300
+    # scored on every 2nd step, a 20-step window holds 9 earlier scores at a step: no more may be asked for
+    assert TriggerSettings().for_run(300, scored_every=2).min_history == 9
+    assert TriggerSettings().for_run(1000, scored_every=2).min_history == 20
 
 
 def test_no_convergence_while_average_above_target():

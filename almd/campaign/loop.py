@@ -239,7 +239,9 @@ class Campaign:
         saved = self.state.get("triggers", {}).get(str(k))
         if saved is not None:
             return Trigger.from_json(json.dumps(saved))
-        return Trigger(self.config.trigger.for_run(self.config.run.steps), stationary_from=self.config.md.schedule_steps)
+        cfg = self.config
+        settings = cfg.trigger.for_run(cfg.run.steps, scored_every=cfg.model.uncertainty_every)
+        return Trigger(settings, stationary_from=cfg.md.schedule_steps)
 
     # ------------------------------------------------------------ learning (rank 0)
     def _label(self, frames: list[Atoms], walker: int, step: int, reason: str,

@@ -142,12 +142,14 @@ class TriggerSettings:
                 )
         return cls(**d)
 
-    def for_run(self, steps: int) -> "TriggerSettings":
-        """These settings with the window fitted to a run of ``steps`` MD steps, if none was given."""
-        if self.window is not None:
-            return self
-        window = int(min(DEFAULT_WINDOW, max(20, steps // 20)))
-        return replace(self, window=window, min_history=min(self.min_history, window))
+    def for_run(self, steps: int, scored_every: int = 1) -> "TriggerSettings":
+        """These settings with the window fitted to a run of ``steps`` MD steps, if none was given,
+        and ``min_history`` no more than the earlier scores such a window holds at a step (one every
+        ``scored_every`` steps, the step itself not counted).
+        """
+        window = self.window if self.window is not None else int(min(DEFAULT_WINDOW, max(20, steps // 20)))
+        held = window // scored_every - 1
+        return replace(self, window=window, min_history=max(1, min(self.min_history, held)))
 
     @property
     def window_steps(self) -> int:
