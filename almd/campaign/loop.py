@@ -320,11 +320,12 @@ class Campaign:
     # ------------------------------------------------------------ the loop
     def _request(self, k: int, decision: Decision, brake_frame: Frame | None) -> LabelRequest:
         walker = self.walkers[k]
-        after, self.last_call[k] = self.last_call.get(k, -1), decision.step
+        after = self.last_call.get(k, -1)
+        if not decision.audit:  # an audit is not a call: later calls still rank the frames it saw
+            self.last_call[k] = decision.step
         if brake_frame is not None:
             frames, scores, reason = [brake_frame.atoms], [brake_frame.score], "brake"
         elif decision.audit:
-            self.last_call[k] = after  # an audit is not a call: later calls still rank these frames
             frames, scores, reason = [walker.frames[-1].atoms], [walker.frames[-1].score], "audit"
         else:
             recent = [f for f in walker.frames if f.score is not None and f.step > after]
