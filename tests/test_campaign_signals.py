@@ -265,3 +265,87 @@ def test_sigkill_in_the_middle_of_a_checkpoint_leaves_the_previous_one_whole(uni
     assert again.returncode == 0, err
     walker, log, hashes, unique = outcome(tmp_path / "run")
     assert unique and (walker, log, hashes) == uninterrupted[:3]
+
+
+KILL_IN_DATABASE_WRITE = """
+import os, signal, sys
+import ase.db.sqlite
+from almd.labels.database import LabelDatabase
+
+rows = []
+add_result = LabelDatabase.add_result
+
+def counted(self, *args, **kwargs):
+    rows.append(1)
+    return add_result(self, *args, **kwargs)
+
+class DyingConnection:
+    '''sqlite3's connection, except that the 5th label's commit never happens: SIGKILL first.'''
+    def __init__(self, con):
+        self._con = con
+    def __getattr__(self, name):
+        return getattr(self._con, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.commit()
+        return self._con.__exit__(*exc)
+    def commit(self):
+        if len(rows) == 5:  # the row's INSERTs are made, the transaction is open
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self._con.commit()
+
+connect = ase.db.sqlite.SQLite3Database._connect
+ase.db.sqlite.SQLite3Database._connect = lambda self: DyingConnection(connect(self))
+LabelDatabase.add_result = counted
+from almd.cli import main
+sys.exit(main(["run", sys.argv[1]]))
+"""
+
+
+def test_sigkill_during_a_database_write(uninterrupted, tmp_path):
+    """Killed inside the transaction that stores a label: SQLite rolls it back, the resumed run
+    computes that label again (once), and the database opens and reads as ever.
+    """
+    import ase.db
+
+    toml = campaign_file(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_DATABASE_WRITE, str(toml)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert len(list(ase.db.connect(tmp_path / "run" / "labels.db").select())) == 4  # the 5th rolled back
+    again = almd_run(toml)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    walker, log, hashes, unique = outcome(tmp_path / "run")
+    assert unique and (walker, log, hashes) == uninterrupted[:3]
+
+
+def test_a_failing_reference_is_reported_and_never_learnt_from(tmp_path):
+    """One calculation in five raises, one in ten returns NaN forces (no retries): the campaign
+    completes, stores and reports every failure, and fits its model on none of them.
+    """
+    import ase.db
+
+    from almd.uncertainty import Ensemble
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    toml = campaign_file(tmp_path, steps=24, reference={
+        "calculator": "slow_reference:FlakySW", "retries": 0, "options": {"marker_dir": str(markers)}})
+    run_to_end(toml)
+    n = len(list(markers.iterdir()))
+    failed = [k for k in range(1, n + 1) if k % 5 == 4 or k % 10 == 7]
+    assert n >= 7  # the run met both kinds of failure (calculations 4 and 7)
+    run = tmp_path / "run"
+    rows = list(ase.db.connect(run / "labels.db").select())
+    assert len(rows) == n  # every calculation has its row, failed or not
+    bad = {r.content_hash for r in rows if r.status == "failed"}
+    assert len(bad) == len(failed)
+    assert all(r.get("error") or r.data.get("error") for r in rows if r.status == "failed")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["oracle_failures"] == len(failed)
+    state = json.loads((run / "campaign.json").read_text())
+    learnt = {d.key for d in Ensemble.load(run / state["ensemble"]).designs}
+    assert learnt and not learnt & bad

@@ -1,7 +1,7 @@
 """The campaign's fine-tune round: labels → :class:`~almd.finetune.Finetuner` → new backbone → new ensemble.
 
-Rank 0 runs a round when ``finetune.every`` new training labels have arrived
-since the last one (``[finetune]`` in the campaign file). The backbone the
+A round starts when ``finetune.every`` new training labels have arrived
+since the last one; under MPI every rank trains (data-parallel), rank 0 writes (``[finetune]`` in the campaign file). The backbone the
 walkers use is fine-tuned on every training label the campaign has learnt from
 (energies, forces, stress; Hessian columns for labels that carry a Hessian, and
 the phonon sets of ``finetune.config``), validated on its held-out labels, and
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from ase import Atoms
 from almd.campaign.config import CampaignConfig
 from almd.campaign.phonon_labels import PHONON_FILE
 
-__all__ = ["finetune_config", "finetune_round", "learnt_labels"]
+__all__ = ["finetune_config", "finetune_round", "learnt_labels", "train_backbone"]
 
 
 def finetune_config(config: CampaignConfig, backbone: str, workdir: Path, seed: int):
@@ -67,18 +68,16 @@ def learnt_labels(database, ensemble) -> tuple[list[Atoms], list[Atoms]]:
     return sorted(train.values(), key=lambda a: order[a.info["content_hash"]]), [held[k] for k in sorted(held)]
 
 
-def finetune_round(config: CampaignConfig, database, ensemble, backbone: str, version: int,
-                   output: Path) -> tuple[Path, Any, dict[str, Any]]:
-    """Fine-tune ``backbone`` on the campaign's labels; returns the model file, the ensemble rebuilt on it
-    (fitted and calibrated) and a record of the round (for ``campaign.json``).
+def train_backbone(config: CampaignConfig, backbone: str, version: int, output: Path, train: list[Atoms],
+                   held: list[Atoms], comm: Any = None) -> tuple[Any, Any]:
+    """The round's :class:`~almd.finetune.Finetuner`, fitted; returns (trainer, result).
+
+    Under MPI every rank calls this with the same labels and ``comm``: the batches are
+    shared out (:mod:`almd.finetune.parallel`) and every rank ends with the same weights.
     """
     from almd.finetune import Finetuner
     from almd.finetune.data import load_phonon
-    from almd.uncertainty import Ensemble
-    from almd.uncertainty.calibration import Calibration
 
-    t0 = time.perf_counter()
-    train, held = learnt_labels(database, ensemble)
     workdir = output / "finetune" / f"v{version}"
     cfg = finetune_config(config, backbone, workdir, seed=config.md.seed + version)
     phonon = [a for a in train if "hessian" in a.info] + [s for p in cfg.data.phonon for s in load_phonon(p)]
@@ -88,8 +87,26 @@ def finetune_round(config: CampaignConfig, database, ensemble, backbone: str, ve
     efs = [a for a in train if "hessian" not in a.info]
     # no held-out labels (validation_fraction 0, no initial calibration): validate on the training ones;
     # the trainer then only refuses a round that makes the training loss worse
-    trainer = Finetuner(cfg, potential=backbone, phonon=phonon, efs=efs, validation=held or train)
-    result = trainer.fit(save_model=False)
+    trainer = Finetuner(cfg, potential=backbone, phonon=phonon, efs=efs, validation=held or train, comm=comm)
+    return trainer, trainer.fit(save_model=False)
+
+
+def finetune_round(config: CampaignConfig, database, ensemble, backbone: str, version: int, output: Path,
+                   train_on: Callable[[tuple], tuple[Any, Any]] | None = None) -> tuple[Path, Any, dict[str, Any]]:
+    """Fine-tune ``backbone`` on the campaign's labels; returns the model file, the ensemble rebuilt on it
+    (fitted and calibrated) and a record of the round (for ``campaign.json``).
+
+    ``train_on(args)`` runs :func:`train_backbone` on ``args`` (default: here; the campaign
+    passes one that runs it on every MPI rank) and returns rank 0's (trainer, result).
+    """
+    from almd.uncertainty import Ensemble
+    from almd.uncertainty.calibration import Calibration
+
+    t0 = time.perf_counter()
+    train, held = learnt_labels(database, ensemble)
+    args = (config, backbone, version, output, train, held)
+    trainer, result = train_on(args) if train_on is not None else train_backbone(*args)
+    workdir = output / "finetune" / f"v{version}"
     (workdir / "checkpoint.pt").unlink(missing_ok=True)  # a finished round is never resumed; it is large
     path = trainer.export(output / "models" / f"backbone-v{version}.pt")
     t1 = time.perf_counter()

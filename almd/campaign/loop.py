@@ -109,7 +109,8 @@ class Campaign:
     def __init__(self, config: CampaignConfig, comm: Any = None):
         import torch
 
-        from almd.campaign.parallel import owned, world
+        from almd.campaign.parallel import Helpers, owned, world
+        from almd.labels.oracle import Oracle
 
         # With several threads torch's CPU scatter-adds sum in a varying order (last-bit
         # noise); deterministic kernels cost nothing measurable here and make restarts exact.
@@ -118,21 +119,23 @@ class Campaign:
         self.comm = comm if comm is not None else world()
         self.root = self.comm.rank == 0
         self.output = Path(cfg.run.output)
+        self._check_same_campaign()
         self.start = starting_structure(cfg)
         state = None
+        ref = cfg.reference
+        # every rank computes reference labels (its share of each round); rank 0 alone stores them
+        self.oracle = Oracle(ref.calculator, timeout=ref.timeout, retries=ref.retries,
+                             workdir=self.output / "oracle-runs", **ref.options)
+        self.helpers = Helpers(self.comm, {"compute": self.oracle.compute, "finetune": self._finetune_share})
         if self.root:
             from almd.labels.database import LabelDatabase
             from almd.labels.labeller import Labeller
-            from almd.labels.oracle import Oracle
 
             self.output.mkdir(parents=True, exist_ok=True)
             self.lock = RunLock(self.output)
             self.lock.acquire()  # before anything is written: a second process is refused here
             self.database = LabelDatabase(self.output / "labels.db", cfg.learning.validation_fraction)
-            ref = cfg.reference
-            oracle = Oracle(ref.calculator, timeout=ref.timeout, retries=ref.retries,
-                            workdir=self.output / "oracle-runs", **ref.options)
-            self.labeller = Labeller(oracle, self.database)
+            self.labeller = Labeller(self.oracle, self.database)
             state = self._read_state()
         state = self.comm.bcast(state if self.root else None)
         self.state = state  # the checkpoint resumed from ({} for a new run)
@@ -161,6 +164,19 @@ class Campaign:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     # ------------------------------------------------------------ set-up / resume
+    def _check_same_campaign(self) -> None:
+        """Every rank must run the same settings (before anything is written): a job whose ranks
+        read different campaign files would mix two campaigns in one directory.
+        """
+        from almd.settings import ConfigError
+        from almd.structures import settings_hash
+
+        digests = self.comm.allgather(settings_hash(self.config.to_dict()))
+        if len(set(digests)) > 1:
+            differ = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise ConfigError(f"ranks {differ} run other campaign settings than rank 0; start every rank "
+                              "with the same campaign file")
+
     def _read_state(self) -> dict[str, Any]:
         state = read_checkpoint(self.output)
         if not state:
@@ -178,9 +194,9 @@ class Campaign:
 
         le = self.config.learning
         path = self.output / self.state["ensemble"] if "ensemble" in self.state else None
-        if not self.root:
+        if not self.root:  # helping with the bootstrap labels until rank 0 sends the fitted heads
             ens = self._unfitted_ensemble()
-            ens.load_head_state(self.comm.bcast(None))
+            ens.load_head_state(self.helpers.wait())
             return ens
         if path is not None:
             ens = Ensemble.load(path)
@@ -189,7 +205,7 @@ class Campaign:
             try:  # an element the model does not know: say so before any reference calculation
                 ens.check_species(self.start.numbers)
             except ValueError:
-                self.comm.bcast(None)
+                self.helpers.release(None)
                 raise
             rng = np.random.default_rng(self.config.md.seed)
             frames = [self.start]
@@ -200,7 +216,7 @@ class Campaign:
             splits = ["train"] * le.initial_labels + ["validation"] * le.initial_calibration
             labelled = self._label(frames, walker=-1, step=0, reason="initial", splits=splits)
             if not any(a.info["split"] == "train" for a in labelled):
-                self.comm.bcast(None)
+                self.helpers.release(None)
                 raise RuntimeError(f"no initial reference calculation succeeded; the failures are recorded in "
                                    f"{self.database.path} (LabelDatabase.failures())")
             self._refit(ens, labelled)
@@ -209,7 +225,7 @@ class Campaign:
                 from almd.campaign.phonon_labels import bootstrap_phonons
 
                 self.phonons = bootstrap_phonons(self)
-        self.comm.bcast(ens.head_state())
+        self.helpers.release(ens.head_state())
         return ens
 
     def _unfitted_ensemble(self):
@@ -249,13 +265,20 @@ class Campaign:
         """Reference calculations for ``frames``, every outcome stored; returns the successful ones as
         stored (labels, ``info['split']``). A label already in the database is read back, not recomputed.
         """
-        scores = scores or [None] * len(frames)
-        splits = splits or [None] * len(frames)
-        provenance = [{"walker": walker, "step": step, "source": reason, "model_version": self.model_version,
-                       **({} if s is None else {"uncertainty": float(s)}), **({} if sp is None else {"split": sp})}
-                      for s, sp in zip(scores, splits)]
+        return self._label_rows(frames, self._provenance(len(frames), walker, step, reason, scores, splits))
+
+    def _provenance(self, n: int, walker: int, step: int, reason: str, scores: list[float | None] | None = None,
+                    splits: list[str] | None = None) -> list[dict[str, Any]]:
+        """The database row fields of ``n`` frames labelled for one reason."""
+        return [{"walker": walker, "step": step, "source": reason, "model_version": self.model_version,
+                 **({} if s is None else {"uncertainty": float(s)}), **({} if sp is None else {"split": sp})}
+                for s, sp in zip(scores or [None] * n, splits or [None] * n)]
+
+    def _label_rows(self, frames: list[Atoms], provenance: list[dict[str, Any]]) -> list[Atoms]:
+        """:meth:`_label` with one provenance per frame; under MPI one calculation per rank at a time."""
+        spread = None if self.comm.size == 1 else (lambda jobs: self.helpers.map("compute", jobs))
         with self._timed("reference"):
-            return self.labeller.labelled(frames, provenance)
+            return self.labeller.labelled(frames, provenance, spread=spread)
 
     def _refit(self, ensemble, labelled: list[Atoms]) -> None:
         """Heads refitted with the new training labels; calibration updated with the held-out ones.
@@ -279,9 +302,15 @@ class Campaign:
         Returns whether the model changed, and the audits as (walker, step, true error, score).
         """
         changed, audits = False, []
-        for req in sorted(requests, key=lambda r: r.walker):
-            splits = ["validation"] if req.audit else None  # an audit checks the score: held out
-            labelled = self._label(req.frames, req.walker, req.step, req.reason, req.scores, splits)
+        requests = sorted(requests, key=lambda r: r.walker)
+        splits = {r.walker: ["validation"] if r.audit else None for r in requests}  # an audit checks the score
+        if len(requests) > 1 or any(len(r.frames) > 1 for r in requests):
+            # every frame of the round computed at once (in parallel under MPI), then read back in turn
+            self._label_rows([a for r in requests for a in r.frames],
+                             [p for r in requests for p in self._provenance(len(r.frames), r.walker, r.step, r.reason,
+                                                                           r.scores, splits[r.walker])])
+        for req in requests:
+            labelled = self._label(req.frames, req.walker, req.step, req.reason, req.scores, splits[req.walker])
             if req.audit and labelled:
                 audits.append((req.walker, req.step, self._frame_error(labelled[0]), float(req.scores[0])))
             if labelled:
@@ -300,16 +329,25 @@ class Campaign:
         return reduce_atoms(np.sqrt((error**2).mean(axis=1)), self.ensemble.score)
 
     def _finetune(self) -> None:
-        """A fine-tune round (rank 0): new backbone file, ensemble rebuilt on it, walkers switched to it."""
+        """A fine-tune round (trained on every rank, the rest on rank 0): new backbone file, ensemble
+        rebuilt on it, walkers switched to it.
+        """
         from almd.campaign.finetune_round import finetune_round
 
         self.model_version += 1
         with self._timed("finetune"):
             path, ensemble, record = finetune_round(self.config, self.database, self.ensemble, self.backbone,
-                                                    self.model_version, self.output)
+                                                    self.model_version, self.output,
+                                                    train_on=lambda args: self.helpers.run("finetune", args))
         self.backbone, self.since_finetune = str(path), 0
         self.finetunes.append(record)
         self._use(ensemble)
+
+    def _finetune_share(self, args: tuple) -> tuple[Any, Any]:
+        """Every rank's part of a fine-tune round: the same trainer, data-parallel over the ranks."""
+        from almd.campaign.finetune_round import train_backbone
+
+        return train_backbone(*args, comm=self.comm if self.comm.size > 1 else None)
 
     def _use(self, ensemble) -> None:
         """Walkers compute with ``ensemble`` from here on (fresh calculators, as after a restart)."""
@@ -372,14 +410,14 @@ class Campaign:
             if request is not None:
                 requests.append(request)
         gathered = self.comm.gather((rows, requests))
-        update = audits = None
         if self.root:
             rows = [r for part, _ in gathered for r in part]
             requests = [q for _, part in gathered for q in part]
             changed, audits = self._serve(requests)
-            if changed:
-                update = (self.ensemble.head_state(), self.model_version, self.backbone)
-        update, audits = self.comm.bcast((update, audits))
+            update = (self.ensemble.head_state(), self.model_version, self.backbone) if changed else None
+            self.helpers.release((update, audits))
+        else:  # lending a hand with the round's labels and fine-tune until rank 0 is done
+            update, audits = self.helpers.wait()
         for k, step, true_error, score in audits:
             if k in self.triggers:
                 self.triggers[k].record_audit(step, true_error, score)  # a failed one resumes learning

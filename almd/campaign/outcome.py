@@ -45,11 +45,12 @@ def label_test_frames(campaign: Campaign) -> list[Atoms]:
                 frames.append((k, w.step, bare(w.atoms)))
     gathered = campaign.comm.gather(frames)
     if not campaign.root:
+        campaign.helpers.wait()  # while rank 0 labels them, one per rank at a time
         return []
     frames = sorted((f for part in gathered for f in part), key=lambda f: (f[0], f[1]))
-    labelled = []
-    for k, step, atoms in frames:
-        labelled += campaign._label([atoms], walker=k, step=step, reason="test", splits=["test"])
+    provenance = [p for k, step, _ in frames for p in campaign._provenance(1, k, step, "test", splits=["test"])]
+    labelled = campaign._label_rows([atoms for _, _, atoms in frames], provenance)
+    campaign.helpers.release()
     return labelled
 
 

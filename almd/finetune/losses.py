@@ -19,7 +19,7 @@ from almd.potentials import (
     energy_forces_stress_hvp,
 )
 
-__all__ = ["efs_terms", "hessian_term", "pft_terms"]
+__all__ = ["counted_efs_terms", "counted_pft_terms", "efs_terms", "hessian_term", "pft_terms"]
 
 
 def _graph(potential: Potential, samples: list[Sample], dtype: torch.dtype, mirrors: list[Sample] = ()):
@@ -42,10 +42,18 @@ def efs_terms(potential: Potential, samples: list[Sample], dtype: torch.dtype,
     MAE form (PFT phonon batches): |ΔE|/N, mean over atoms of ‖ΔF‖₂, |Δσ|.
     Huber form (co-training): Huber(δ) of ΔE/N, of force and of stress components.
     """
+    return counted_efs_terms(potential, samples, dtype, huber, create_graph)[0]
+
+
+def counted_efs_terms(potential: Potential, samples: list[Sample], dtype: torch.dtype, huber: float | None = None,
+                      create_graph: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """:func:`efs_terms` and how many entries each term averages over (none for no samples)."""
+    if not samples:
+        return {}, {}
     want_stress = _want_stress(samples)
     graph = _graph(potential, samples, dtype)
     out = energy_forces_stress(potential, graph, forces=True, stress=want_stress, create_graph=create_graph)
-    return _efs_from(out, samples, dtype, huber, want_stress)[0]
+    return _efs_from(out, samples, dtype, huber, want_stress)
 
 
 def _want_stress(samples: list[Sample]) -> bool:
@@ -97,6 +105,12 @@ def pft_terms(potential: Potential, samples: list[Sample], columns: list[int | N
     through the Hessian-vector product would make the costly third-order
     backward cross them too.
     """
+    return counted_pft_terms(potential, samples, columns, dtype, create_graph)[0]
+
+
+def counted_pft_terms(potential: Potential, samples: list[Sample], columns: list[int | None], dtype: torch.dtype,
+                      create_graph: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """:func:`pft_terms` and how many entries (atoms, structures, columns) each term averages over."""
     with_column = [k for k, j in enumerate(columns) if j is not None]
     phonon = [samples[k] for k in with_column]
     rest = [s for k, s in enumerate(samples) if columns[k] is None]
@@ -135,10 +149,10 @@ def pft_terms(potential: Potential, samples: list[Sample], columns: list[int | N
             terms[key] = value if n0 == 0 else (terms[key] * n0 + value * n1) / (n0 + n1)
             counts[key] = n0 + n1
     if errors:
-        terms["hessian"] = torch.stack(errors).mean()
+        terms["hessian"], counts["hessian"] = torch.stack(errors).mean(), len(errors)
     if odd_errors:  # its own term: it is ~u·Φ3, orders of magnitude below a harmonic column
-        terms["third_order"] = torch.stack(odd_errors).mean()
-    return terms
+        terms["third_order"], counts["third_order"] = torch.stack(odd_errors).mean(), len(odd_errors)
+    return terms, counts
 
 
 def hessian_term(potential: Potential, samples: list[Sample], columns: list[int], dtype: torch.dtype,

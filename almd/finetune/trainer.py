@@ -40,6 +40,7 @@ from almd.finetune.data import (
     self_distilled,
     split_validation,
 )
+from almd.finetune.parallel import DataParallel
 from almd.potentials import Potential, adapters, atomic_torch_save
 from almd.potentials.files import read_payload
 
@@ -129,8 +130,11 @@ class Finetuner:
 
     def __init__(self, config: FinetuneConfig | None = None, potential: Potential | str | None = None,
                  phonon: list | None = None, efs: list | None = None, validation: list | None = None,
-                 replay: list | None = None):
+                 replay: list | None = None, comm: Any = None):
         self.config = cfg = config or FinetuneConfig()
+        # data-parallel over comm's ranks (every rank builds the same trainer); rank 0 alone writes files
+        self.parallel = DataParallel(comm) if comm is not None and comm.size > 1 else None
+        self.writes = comm is None or comm.rank == 0
         cfg.validate()
         if cfg.run.threads > 0:
             torch.set_num_threads(cfg.run.threads)
@@ -234,19 +238,51 @@ class Finetuner:
         total = sum(w[k] * v for k, v in terms.items() if w[k] > 0)
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
+    def _batch_loss(self, phonon: list[Sample], efs: list[Sample],
+                    columns: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of a global batch to differentiate on this rank, and the batch's terms (global values)."""
+        if self.parallel is None:
+            return self.finetune_loss(phonon, efs, columns)
+        items = self.parallel.mine([(s, j) for s, j in zip(phonon, columns)] + [(s, None) for s in efs])
+        w = self.weights()
+        samples = [s for s, _ in items]
+        if any(j is not None for _, j in items) and (w["hessian"] > 0 or w["third_order"] > 0):
+            terms, counts = losses.counted_pft_terms(self.potential, samples, [j for _, j in items], self.dtype)
+        else:
+            terms, counts = losses.counted_efs_terms(self.potential, samples, self.dtype)
+        weighted, values = self.parallel.combine(terms, counts)
+        return self._weighted_sum(weighted, w), values
+
+    def _weighted_sum(self, terms: dict[str, torch.Tensor], w: dict[str, float]) -> torch.Tensor:
+        parts = [w[k] * v for k, v in terms.items() if w[k] > 0]
+        return sum(parts[1:], parts[0]) if parts else torch.zeros((), dtype=self.dtype)
+
     def delta_penalty(self) -> torch.Tensor:
         """‖Δω‖² over the delta adapters' trainable Δω (0 for the other strategies)."""
         return adapters.delta_sq_norm(self.potential).to(self.dtype)
 
     def replay_loss(self, batch: list[Sample]) -> torch.Tensor:
+        """The co-training loss of a global replay batch (this rank's weighted share when data-parallel)."""
         lo = self.config.loss
-        terms = losses.efs_terms(self.potential, batch, self.dtype, huber=lo.huber_delta)
         w = {"energy": lo.replay_energy, "forces": lo.replay_forces, "stress": lo.replay_stress}
-        return sum(w[k] * v for k, v in terms.items())
+        if self.parallel is None:
+            terms = losses.efs_terms(self.potential, batch, self.dtype, huber=lo.huber_delta)
+            return sum(w[k] * v for k, v in terms.items())
+        terms, counts = losses.counted_efs_terms(self.potential, self.parallel.mine(batch), self.dtype,
+                                                 huber=lo.huber_delta)
+        return self._weighted_sum(self.parallel.combine(terms, counts)[0], {**w, "hessian": 0.0})
+
+    def _total(self, loss: torch.Tensor) -> float:
+        """A loss's value over the whole batch (summed over the ranks' shares)."""
+        value = float(loss.detach())
+        return value if self.parallel is None else self.parallel.total(value)
 
     def _optimise(self, loss: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss.requires_grad:  # a rank whose share of the batch is empty has nothing to differentiate
+            loss.backward()
+        if self.parallel is not None:
+            self.parallel.sum_gradients(list(self.named_trainable.values()))
         norm = torch.nn.utils.clip_grad_norm_(list(self.named_trainable.values()), self.config.optim.clip)
         self.optimizer.step()
         return float(norm)
@@ -261,19 +297,21 @@ class Finetuner:
         columns = [int(rng.integers(3 * len(s.atoms))) if s.columns is None else int(rng.choice(s.columns))
                    for s in phonon]
         efs = [self.efs[i] for i in rng.integers(len(self.efs), size=run.efs_batch)] if self.efs and run.efs_batch else []
-        loss, terms = self.finetune_loss(phonon, efs, columns)
+        loss, terms = self._batch_loss(phonon, efs, columns)
         if self.delta_l2 > 0:
             penalty = self.delta_penalty()
-            loss = loss + self.delta_l2 * penalty
+            if self.writes:  # a function of the weights alone: counted once in the sum over ranks
+                loss = loss + self.delta_l2 * penalty
             terms["delta_l2"] = float(penalty.detach())  # ‖Δω‖² before this step's update
-        record = {"loss": float(loss.detach()), **terms, "grad_norm": self._optimise(loss)}
+        record = {"loss": self._total(loss), **terms, "grad_norm": self._optimise(loss)}
         if self.config.co_training and self.replay:
             replay = []
             for _ in range(self.config.loss.replay_ratio):
                 batch = [self.replay[i] for i in self.replay_rng.integers(len(self.replay), size=run.replay_batch)]
                 r = self.replay_loss(batch)
+                value = self._total(r)
                 self._optimise(r)
-                replay.append(float(r.detach()))
+                replay.append(value)
             record["replay"] = float(np.mean(replay))
         self.ema.update()  # once per step: the EMA's t counts steps, not optimiser updates
         self.step += 1
@@ -281,30 +319,32 @@ class Finetuner:
 
     def validate(self) -> dict[str, float]:
         """Validation loss (EMA weights, fixed Hessian columns) and physical error metrics."""
-        out: dict[str, float] = {}
-        total, parts = 0.0, 0
+        jobs = [(s, j) for s, cols in zip(self.val_phonon, self.val_columns) for j in cols]
+        jobs += [(s, None) for s in self.val_efs]
         with self.ema.applied():
-            if self.val_phonon:
-                maes: dict[str, list[float]] = {"hessian": [], "third_order": []}
-                w = self.weights()
-                for s, cols in zip(self.val_phonon, self.val_columns):
-                    for j in cols:
-                        # the column error is reported even when λ_Φ = 0 (EFS-only fine-tuning)
-                        terms = losses.pft_terms(self.potential, [s], [j], self.dtype, create_graph=False)
-                        total += sum(w[k] * float(v.detach()) for k, v in terms.items() if w[k] > 0)
-                        parts += 1
-                        kind = "hessian" if "hessian" in terms else "third_order"
-                        maes[kind].append(float(terms[kind].detach()))
-                out.update({f"val_{k}_mae": float(np.mean(v)) for k, v in maes.items() if v})
-            if self.val_efs:
-                errs = []
-                for s in self.val_efs:
-                    v, _ = self.finetune_loss([], [s], [], create_graph=False)
-                    total, parts = total + float(v.detach()), parts + 1
-                    errs.append(self._force_mae(s))
-                out["val_forces_mae"] = float(np.mean(errs))
-        out["val_loss"] = total / max(parts, 1)
+            if self.parallel is None:
+                results = [self._validation_term(s, j) for s, j in jobs]
+            else:  # each rank its share of the structures and columns; every rank gets all results
+                mine = {i: self._validation_term(*jobs[i]) for i in range(self.parallel.rank, len(jobs), self.parallel.size)}
+                results = self.parallel.gather(mine, len(jobs))
+        total, maes = 0.0, {"hessian": [], "third_order": [], "forces": []}
+        for loss, kind, mae in results:
+            total += loss
+            maes[kind].append(mae)
+        out = {f"val_{k}_mae": float(np.mean(v)) for k, v in maes.items() if v}
+        out["val_loss"] = total / max(len(results), 1)
         return out
+
+    def _validation_term(self, s: Sample, column: int | None) -> tuple[float, str, float]:
+        """(weighted loss, kind, MAE) of one validation structure, on one Hessian column or on its EFS labels."""
+        if column is None:
+            v, _ = self.finetune_loss([], [s], [], create_graph=False)
+            return float(v.detach()), "forces", self._force_mae(s)
+        w = self.weights()
+        # the column error is reported even when λ_Φ = 0 (EFS-only fine-tuning)
+        terms = losses.pft_terms(self.potential, [s], [column], self.dtype, create_graph=False)
+        kind = "hessian" if "hessian" in terms else "third_order"
+        return sum(w[k] * float(v.detach()) for k, v in terms.items() if w[k] > 0), kind, float(terms[kind].detach())
 
     def _force_mae(self, s: Sample) -> float:
         if s.forces is None:
@@ -320,6 +360,8 @@ class Finetuner:
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
         path = path or self.checkpoint_path
+        if not self.writes:  # data-parallel: rank 0 writes for every rank
+            return path
         _atomic_save({
             "step": self.step, "model": self.potential.state_dict(), "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict(), "rng": self.rng.bit_generator.state,
@@ -341,6 +383,8 @@ class Finetuner:
         self.bad_evals, self.initial_validation = state["bad_evals"], state["initial_validation"]
 
     def _write_logs(self) -> None:
+        if not self.writes:
+            return
         self.output.mkdir(parents=True, exist_ok=True)
         with open(self.output / "log.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, LOG_FIELDS, extrasaction="ignore")
@@ -392,7 +436,7 @@ class Finetuner:
         with torch.no_grad():
             for k, p in self.named_trainable.items():
                 p.copy_(self.best["weights"][k])
-        model_path = self.export(self.output / "model.pt") if save_model else None
+        model_path = self.export(self.output / "model.pt") if save_model and self.writes else None
         return FinetuneResult(model_path, self.best["step"], self.best["loss"], self.step, stopped,
                               self.initial_validation, self.best["metrics"], self.energy_shifts, self.history)
 

@@ -85,7 +85,9 @@ class LabelDatabase:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.validation_fraction = validation_fraction
         assign_split("c0", validation_fraction)  # validates the fraction early
-        self._db = ase.db.connect(str(self.path), type="db", append=True)
+        # SQLite locks and journals its own writes; ASE's extra lock file, left behind by a
+        # process killed in a write, would make the next one wait for it for ever
+        self._db = ase.db.connect(str(self.path), type="db", append=True, use_lock_file=False)
         # One process owns the database (rank 0 under MPI): ASE would otherwise make every
         # rank join a broadcast on each read and write.
         self._db.serial = True

@@ -16,7 +16,7 @@ from typing import Any
 from ase import Atoms
 
 from almd.labels.database import LabelDatabase
-from almd.labels.oracle import LabelResult, Oracle
+from almd.labels.oracle import LabelResult, Oracle, Spread
 
 __all__ = ["Labeller"]
 
@@ -66,8 +66,11 @@ class Labeller:
         return self.label_many([atoms], provenance=[provenance])[0]
 
     def label_many(self, frames: list[Atoms], *, max_workers: int = 1,
-                   provenance: list[Mapping[str, Any]] | None = None) -> list[LabelResult]:
-        """Label several structures (see :meth:`Oracle.label_many`), each outcome stored as it finishes."""
+                   provenance: list[Mapping[str, Any]] | None = None,
+                   spread: Spread | None = None) -> list[LabelResult]:
+        """Label several structures (see :meth:`Oracle.label_many`, also for ``spread``), each outcome
+        stored as it finishes.
+        """
         provenance = provenance or [{} for _ in frames]
         if len(provenance) != len(frames):
             raise ValueError("provenance needs one mapping per frame")
@@ -75,10 +78,12 @@ class Labeller:
         def store(i: int, result: LabelResult) -> None:
             self.database.add_result(frames[i], result, **provenance[i])
 
-        return self.oracle.label_many(frames, max_workers=max_workers, known=self._known, on_result=store)
+        return self.oracle.label_many(frames, max_workers=max_workers, known=self._known, on_result=store,
+                                      spread=spread)
 
-    def labelled(self, frames: list[Atoms], provenance: list[Mapping[str, Any]]) -> list[Atoms]:
+    def labelled(self, frames: list[Atoms], provenance: list[Mapping[str, Any]],
+                 spread: Spread | None = None) -> list[Atoms]:
         """The successfully labelled ``frames`` as stored (labels, ``info['split']``), in input order."""
-        results = self.label_many(frames, provenance=provenance)
+        results = self.label_many(frames, provenance=provenance, spread=spread)
         rows = [self.database.lookup(r.content_hash) for r in results if r.ok]
         return [self.database.row_to_atoms(row) for row in rows if row is not None]

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +152,9 @@ def _worker(conn: Any, spec: tuple[str, dict], atoms: Atoms, workdir: str, sys_p
 
 # --------------------------------------------------------------------------- the oracle
 
+#: computes ``(atoms, content_hash)`` jobs, yielding ``(job index, result)`` as each is done
+Spread = Callable[[list[tuple[Atoms, str]]], Iterable[tuple[int, "LabelResult"]]]
+
 _ENV_LOCK = threading.Lock()
 _MPI_LAUNCHER_VARS = ("PMI_", "PMIX_", "OMPI_", "HYDRA_", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "I_MPI_")
 
@@ -278,16 +281,27 @@ class Oracle:
         """Label one structure. Never raises for a failed calculation: the result says 'failed'."""
         return self.label_many([atoms])[0]
 
+    def compute(self, job: tuple[Atoms, str]) -> LabelResult:
+        """One calculation of ``job = (atoms, content_hash)``, with retries; no cache, no store.
+
+        The unit of work that :meth:`label_many` hands to a ``spread`` (any process may run it).
+        """
+        return self._compute(*job)
+
     def label_many(self, frames: list[Atoms], *, max_workers: int = 1,
                    known: Callable[[str], LabelResult | None] | None = None,
-                   on_result: Callable[[int, LabelResult], None] | None = None) -> list[LabelResult]:
+                   on_result: Callable[[int, LabelResult], None] | None = None,
+                   spread: Spread | None = None) -> list[LabelResult]:
         """Label several structures, up to ``max_workers`` worker processes at once.
 
         Results come back in input order. ``known(content_hash)`` may answer from
         a store before anything is computed; ``on_result(i, result)`` is called for
         each computed result as soon as it finishes (from this thread only: one
         writer), so a store that writes there loses only the calculations still
-        running. Duplicates within ``frames`` run once.
+        running. Duplicates within ``frames`` run once. ``spread(jobs)``, if given,
+        computes the ``(atoms, content_hash)`` jobs elsewhere (e.g. one per MPI rank,
+        each through :meth:`compute`) and yields ``(job index, result)`` as each is
+        done; ``max_workers`` is then unused.
         """
         results: list[LabelResult | None] = [None] * len(frames)
         todo: dict[str, list[int]] = {}
@@ -299,19 +313,27 @@ class Oracle:
                 todo.setdefault(key, []).append(i)
         for idx in todo.values():
             self._preflight(frames[idx[0]])
-        with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-            # threads only wait on their worker processes; the work is in the children
-            futures = {pool.submit(self._compute, frames[idx[0]], key): idx for key, idx in todo.items()}
-            for future in as_completed(futures):
-                idx = futures[future]
-                result = future.result()
-                if result.ok:
-                    self._cache[result.content_hash] = result
-                if on_result is not None:
-                    on_result(idx[0], result)
-                for n, i in enumerate(idx):
-                    results[i] = result if n == 0 else LabelResult(**{**result.__dict__, "cached": result.ok})
+        jobs = [(frames[idx[0]], key) for key, idx in todo.items()]
+        where = list(todo.values())
+        for j, result in (spread or self._threads(max_workers))(jobs):
+            idx = where[j]
+            if result.ok:
+                self._cache[result.content_hash] = result
+            if on_result is not None:
+                on_result(idx[0], result)
+            for n, i in enumerate(idx):
+                results[i] = result if n == 0 else LabelResult(**{**result.__dict__, "cached": result.ok})
         return [r for r in results if r is not None]
+
+    def _threads(self, max_workers: int) -> Spread:
+        """The default spread: threads of this process, each waiting on its worker process."""
+        def spread(jobs: list[tuple[Atoms, str]]) -> Iterator[tuple[int, LabelResult]]:
+            with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
+                futures = {pool.submit(self.compute, job): j for j, job in enumerate(jobs)}
+                for future in as_completed(futures):
+                    yield futures[future], future.result()
+
+        return spread
 
 
 def _kill_group(proc: Any) -> None:
