@@ -333,7 +333,9 @@ def test_a_failing_reference_is_reported_and_never_learnt_from(tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()
     toml = campaign_file(tmp_path, steps=24, reference={
-        "calculator": "slow_reference:FlakySW", "retries": 0, "options": {"marker_dir": str(markers)}})
+        "calculator": "slow_reference:FlakySW", "retries": 0, "options": {"marker_dir": str(markers)}},
+        learning={"initial_labels": 2, "initial_calibration": 1, "phonons": False, "test_frames": 0,
+                  "frames_per_call": 2})  # a round's frames labelled together, then learnt from in turn
     run_to_end(toml)
     n = len(list(markers.iterdir()))
     failed = [k for k in range(1, n + 1) if k % 5 == 4 or k % 10 == 7]
@@ -341,6 +343,7 @@ def test_a_failing_reference_is_reported_and_never_learnt_from(tmp_path):
     run = tmp_path / "run"
     rows = list(ase.db.connect(run / "labels.db").select())
     assert len(rows) == n  # every calculation has its row, failed or not
+    assert len({r.content_hash for r in rows}) == n  # and no frame was computed twice
     bad = {r.content_hash for r in rows if r.status == "failed"}
     assert len(bad) == len(failed)
     assert all(r.get("error") or r.data.get("error") for r in rows if r.status == "failed")

@@ -276,9 +276,13 @@ class Campaign:
 
     def _label_rows(self, frames: list[Atoms], provenance: list[dict[str, Any]]) -> list[Atoms]:
         """:meth:`_label` with one provenance per frame; under MPI one calculation per rank at a time."""
+        return self.labeller.stored(self._label_results(frames, provenance))
+
+    def _label_results(self, frames: list[Atoms], provenance: list[dict[str, Any]]) -> list:
+        """Every frame's :class:`~almd.labels.oracle.LabelResult`, in order, each outcome stored."""
         spread = None if self.comm.size == 1 else (lambda jobs: self.helpers.map("compute", jobs))
         with self._timed("reference"):
-            return self.labeller.labelled(frames, provenance, spread=spread)
+            return self.labeller.label_many(frames, provenance=provenance, spread=spread)
 
     def _refit(self, ensemble, labelled: list[Atoms]) -> None:
         """Heads refitted with the new training labels; calibration updated with the held-out ones.
@@ -303,14 +307,14 @@ class Campaign:
         """
         changed, audits = False, []
         requests = sorted(requests, key=lambda r: r.walker)
-        splits = {r.walker: ["validation"] if r.audit else None for r in requests}  # an audit checks the score
-        if len(requests) > 1 or any(len(r.frames) > 1 for r in requests):
-            # every frame of the round computed at once (in parallel under MPI), then read back in turn
-            self._label_rows([a for r in requests for a in r.frames],
-                             [p for r in requests for p in self._provenance(len(r.frames), r.walker, r.step, r.reason,
-                                                                           r.scores, splits[r.walker])])
+        # every frame of the round computed at once (in parallel under MPI), then learnt from in turn
+        provenance = [p for r in requests for p in self._provenance(
+            len(r.frames), r.walker, r.step, r.reason, r.scores, ["validation"] if r.audit else None)]  # audit: held out
+        results = self._label_results([a for r in requests for a in r.frames], provenance)
+        start = 0
         for req in requests:
-            labelled = self._label(req.frames, req.walker, req.step, req.reason, req.scores, splits[req.walker])
+            labelled = self.labeller.stored(results[start:start + len(req.frames)])
+            start += len(req.frames)
             if req.audit and labelled:
                 audits.append((req.walker, req.step, self._frame_error(labelled[0]), float(req.scores[0])))
             if labelled:

@@ -19,7 +19,7 @@ from almd.potentials import (
     energy_forces_stress_hvp,
 )
 
-__all__ = ["counted_efs_terms", "counted_pft_terms", "efs_terms", "hessian_term", "pft_terms"]
+__all__ = ["counted_efs_terms", "counted_pft_terms", "efs_terms", "hessian_term", "pft_terms", "wants_stress"]
 
 
 def _graph(potential: Potential, samples: list[Sample], dtype: torch.dtype, mirrors: list[Sample] = ()):
@@ -46,17 +46,23 @@ def efs_terms(potential: Potential, samples: list[Sample], dtype: torch.dtype,
 
 
 def counted_efs_terms(potential: Potential, samples: list[Sample], dtype: torch.dtype, huber: float | None = None,
-                      create_graph: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """:func:`efs_terms` and how many entries each term averages over (none for no samples)."""
+                      create_graph: bool = True,
+                      want_stress: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """:func:`efs_terms` and how many entries each term averages over (none for no samples).
+
+    ``want_stress``: whether the batch has a stress term (default: :func:`wants_stress` of
+    ``samples``; a slice of a larger batch takes the whole batch's answer).
+    """
     if not samples:
         return {}, {}
-    want_stress = _want_stress(samples)
+    want_stress = wants_stress(samples) if want_stress is None else want_stress
     graph = _graph(potential, samples, dtype)
     out = energy_forces_stress(potential, graph, forces=True, stress=want_stress, create_graph=create_graph)
     return _efs_from(out, samples, dtype, huber, want_stress)
 
 
-def _want_stress(samples: list[Sample]) -> bool:
+def wants_stress(samples: list[Sample]) -> bool:
+    """Whether a batch has a stress term: some sample carries a stress label and every cell is periodic."""
     return any(s.stress is not None for s in samples) and all(s.atoms.pbc.all() for s in samples)
 
 
@@ -109,12 +115,15 @@ def pft_terms(potential: Potential, samples: list[Sample], columns: list[int | N
 
 
 def counted_pft_terms(potential: Potential, samples: list[Sample], columns: list[int | None], dtype: torch.dtype,
-                      create_graph: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """:func:`pft_terms` and how many entries (atoms, structures, columns) each term averages over."""
+                      create_graph: bool = True,
+                      want_stress: bool | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """:func:`pft_terms` and how many entries (atoms, structures, columns) each term averages over
+    (``want_stress`` as for :func:`counted_efs_terms`).
+    """
     with_column = [k for k, j in enumerate(columns) if j is not None]
     phonon = [samples[k] for k in with_column]
     rest = [s for k, s in enumerate(samples) if columns[k] is None]
-    want_stress = _want_stress(samples)
+    want_stress = wants_stress(samples) if want_stress is None else want_stress
     terms, counts, errors, odd_errors = {}, {}, [], []
     if phonon:
         # third-order samples bring their mirror geometry x − u into the same HVP (after

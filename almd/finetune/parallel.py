@@ -54,7 +54,15 @@ class DataParallel:
         return [merged[i] for i in range(n)]
 
     def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Replace every parameter's gradient by its sum over the ranks (rank 0's sum, on every rank)."""
+        """Replace every parameter's gradient by its sum over the ranks (rank 0's sum, on every rank).
+
+        A parameter no rank has a gradient for keeps none: AdamW then leaves it alone,
+        as it would in one process (a zero gradient would still decay it).
+        """
+        used = [any(flags) for flags in zip(*self.comm.allgather([p.grad is not None for p in params]))]
+        params = [p for p, u in zip(params, used) if u]
+        if not params:
+            return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         local = torch.cat([g.detach().reshape(-1) for g in grads]).numpy()
         summed = np.empty_like(local)

@@ -246,10 +246,12 @@ class Finetuner:
         items = self.parallel.mine([(s, j) for s, j in zip(phonon, columns)] + [(s, None) for s in efs])
         w = self.weights()
         samples = [s for s, _ in items]
+        stress = losses.wants_stress(phonon + efs)  # the whole batch decides, as in one process
         if any(j is not None for _, j in items) and (w["hessian"] > 0 or w["third_order"] > 0):
-            terms, counts = losses.counted_pft_terms(self.potential, samples, [j for _, j in items], self.dtype)
+            terms, counts = losses.counted_pft_terms(self.potential, samples, [j for _, j in items], self.dtype,
+                                                     want_stress=stress)
         else:
-            terms, counts = losses.counted_efs_terms(self.potential, samples, self.dtype)
+            terms, counts = losses.counted_efs_terms(self.potential, samples, self.dtype, want_stress=stress)
         weighted, values = self.parallel.combine(terms, counts)
         return self._weighted_sum(weighted, w), values
 
@@ -269,7 +271,7 @@ class Finetuner:
             terms = losses.efs_terms(self.potential, batch, self.dtype, huber=lo.huber_delta)
             return sum(w[k] * v for k, v in terms.items())
         terms, counts = losses.counted_efs_terms(self.potential, self.parallel.mine(batch), self.dtype,
-                                                 huber=lo.huber_delta)
+                                                 huber=lo.huber_delta, want_stress=losses.wants_stress(batch))
         return self._weighted_sum(self.parallel.combine(terms, counts)[0], {**w, "hessian": 0.0})
 
     def _total(self, loss: torch.Tensor) -> float:

@@ -84,6 +84,9 @@ class Labeller:
     def labelled(self, frames: list[Atoms], provenance: list[Mapping[str, Any]],
                  spread: Spread | None = None) -> list[Atoms]:
         """The successfully labelled ``frames`` as stored (labels, ``info['split']``), in input order."""
-        results = self.label_many(frames, provenance=provenance, spread=spread)
+        return self.stored(self.label_many(frames, provenance=provenance, spread=spread))
+
+    def stored(self, results: list[LabelResult]) -> list[Atoms]:
+        """The frames of the successful ``results`` as stored (labels, ``info['split']``), in order."""
         rows = [self.database.lookup(r.content_hash) for r in results if r.ok]
         return [self.database.row_to_atoms(row) for row in rows if row is not None]
