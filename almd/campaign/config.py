@@ -65,6 +65,9 @@ class ReferenceConfig:
     options: dict[str, Any] = field(default_factory=dict)  #: keyword arguments of the calculator
     timeout: float = 3600.0  #: s per attempt
     retries: int = 1
+    #: OpenMP/BLAS threads of each calculation; an MPI code brings its own launcher in
+    #: ``options.command`` (e.g. "mpirun -np 4 pw.x"), outside almd's communicator
+    threads: int = 1
 
 
 @dataclass
@@ -138,6 +141,8 @@ class CampaignConfig(TomlSettings):
         if self.reference.retries < 0 or not self.reference.timeout > 0:
             raise bad("reference.retries/timeout", (self.reference.retries, self.reference.timeout),
                       "need retries >= 0 and timeout > 0 s")
+        if self.reference.threads < 1:
+            raise bad("reference.threads", self.reference.threads, "an integer >= 1")
         if le.test_frames < 0 or le.test_spacing < 1:
             raise bad("learning.test_frames/test_spacing", (le.test_frames, le.test_spacing),
                       "need test_frames >= 0 and test_spacing >= 1")

@@ -124,7 +124,7 @@ class Campaign:
         state = None
         ref = cfg.reference
         # every rank computes reference labels (its share of each round); rank 0 alone stores them
-        self.oracle = Oracle(ref.calculator, timeout=ref.timeout, retries=ref.retries,
+        self.oracle = Oracle(ref.calculator, timeout=ref.timeout, retries=ref.retries, threads=ref.threads,
                              workdir=self.output / "oracle-runs", **ref.options)
         self.helpers = Helpers(self.comm, {"compute": self.oracle.compute, "finetune": self._finetune_share})
         if self.root:
