@@ -30,7 +30,8 @@ calls (the printed ratio). With ``--flare PYTHON`` (FLARE built with
 at 300 K and its calls and held-out error are printed beside them.
 
     python benchmarks/bench_policies.py [--steps 300] [--top 900] [--ramp 0] [--budget 20]
-        [--policies almd,per-frame,...] [--flare DIR/venv/bin/python] [--out bench-out/policies]
+        [--policies almd,per-frame,...] [--uncertainty-every 2] [--flare DIR/venv/bin/python]
+        [--out bench-out/policies]
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def campaign_config(name: str, args: argparse.Namespace, out: Path) -> CampaignC
         md["schedule"] = [[args.ramp, 300.0, float(args.top)]]
     cfg = CampaignConfig.from_dict({
         "system": {"structure": "si", "supercell": [2, 2, 2]}, "md": md,
+        "model": {"uncertainty_every": args.uncertainty_every},
         "learning": {"phonons": False, "test_frames": 0}, "finetune": {"every": 0},
         "run": {"steps": args.steps, "output": str(out), "progress": False, "checkpoint_every": args.steps}})
     return replace(cfg, trigger=TriggerSettings(**trigger))
@@ -229,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--points", type=int, default=12, help="points per learning curve")
     p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--uncertainty-every", type=int, default=2,
+                   help="the member spread (the score) on every n-th step (the campaign's default: 2)")
     p.add_argument("--flare", help="FLARE's python (build.sh DIR → DIR/venv/bin/python); skipped without it")
     p.add_argument("--out", default="bench-out/policies")
     args = p.parse_args(argv)

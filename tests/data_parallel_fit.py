@@ -10,12 +10,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from almd.finetune import FinetuneConfig, Finetuner
+from almd.phonons import get_hessian, stillinger_weber_si
 from almd.references import build_calculator
 
 
@@ -26,26 +26,10 @@ def labelled(atoms):
     return atoms
 
 
-def sw_hessian(atoms, h: float = 1e-4) -> np.ndarray:
-    """The reference's Hessian (eV/Å²) by central differences of its forces."""
-    calc = build_calculator("stillinger-weber-si", atoms=atoms)
-    n = len(atoms)
-    hess = np.zeros((3 * n, 3 * n))
-    for j in range(3 * n):
-        cols = []
-        for sign in (1, -1):
-            a = atoms.copy()
-            a.positions[j // 3, j % 3] += sign * h
-            a.calc = calc
-            cols.append(a.get_forces().reshape(-1))
-        hess[:, j] = -(cols[0] - cols[1]) / (2 * h)
-    return 0.5 * (hess + hess.T)
-
-
 def data() -> tuple[list, list, list]:
     """(phonon, EFS, validation) labels: the 2-atom cell with its Hessian, rattled 8-atom cells."""
     unit = bulk("Si", "diamond", a=5.431)
-    unit.info["hessian"] = sw_hessian(unit)
+    unit.info["hessian"] = get_hessian(stillinger_weber_si(), unit)  # matscipy's analytic Hessian
     frames = []
     for seed in range(6):
         a = bulk("Si", "diamond", a=5.431, cubic=True)
