@@ -30,6 +30,7 @@ import contextlib
 import csv
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ class Campaign:
     def __init__(self, config: CampaignConfig, comm: Any = None):
         import torch
 
-        from almd.campaign.parallel import Helpers, owned, world
+        from almd.campaign.parallel import Helpers, abort_on_exception, owned, world
         from almd.labels.oracle import Oracle
 
         # With several threads torch's CPU scatter-adds sum in a varying order (last-bit
@@ -117,6 +118,8 @@ class Campaign:
         torch.use_deterministic_algorithms(True, warn_only=True)
         self.config = cfg = config
         self.comm = comm if comm is not None else world()
+        if self.comm.size > 1:  # an uncaught error on one rank ends the job (the others may wait on it)
+            sys.excepthook = abort_on_exception(self.comm)
         self.root = self.comm.rank == 0
         self.output = Path(cfg.run.output)
         self._check_same_campaign()

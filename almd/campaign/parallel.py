@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-__all__ = ["abort", "Helpers", "owned", "SerialComm", "world"]
+__all__ = ["abort", "abort_on_exception", "Helpers", "owned", "SerialComm", "world"]
 
 
 class SerialComm:
@@ -55,7 +55,7 @@ def world() -> Any:
     comm = MPI.COMM_WORLD
     if comm.Get_size() == 1:
         return SerialComm()
-    sys.excepthook = _abort_on_exception(comm)
+    sys.excepthook = abort_on_exception(comm)
     return comm
 
 
@@ -70,7 +70,7 @@ def abort(comm: Any, message: str, status: int = 1) -> None:
         comm.Abort(status)
 
 
-def _abort_on_exception(comm: Any) -> Any:
+def abort_on_exception(comm: Any) -> Any:
     """An excepthook that prints the failing rank's traceback, then aborts the whole MPI job."""
     def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
         text = "".join(traceback.format_exception(kind, exc, tb))
