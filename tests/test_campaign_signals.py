@@ -76,9 +76,7 @@ def test_a_signal_checkpoints_and_the_resumed_run_is_identical(uninterrupted, tm
     stopped_at = json.loads((tmp_path / "run" / "campaign.json").read_text())["steps"]["0"]
     assert 5 <= stopped_at < STEPS  # a checkpoint where the signal came, not at checkpoint_every
 
-    again = almd_run(toml)
-    out, err = again.communicate(timeout=600)
-    assert again.returncode == 0, err
+    run_to_end(toml)
     walker, log, hashes, unique = outcome(tmp_path / "run")
     assert unique and (walker, log, hashes) == uninterrupted[:3]
 
@@ -89,9 +87,7 @@ def test_sigkill_during_md_loses_no_label_and_computes_none_twice(uninterrupted,
     wait_for_steps(proc, tmp_path / "run", 9)  # past the first trigger calls, no checkpoint yet
     proc.kill()
     proc.wait()
-    again = almd_run(toml)
-    out, err = again.communicate(timeout=600)
-    assert again.returncode == 0, err
+    run_to_end(toml)
     walker, log, hashes, unique = outcome(tmp_path / "run")
     assert unique and (walker, log, hashes) == uninterrupted[:3]
 
@@ -260,9 +256,7 @@ def test_sigkill_in_the_middle_of_a_checkpoint_leaves_the_previous_one_whole(uni
     state = json.loads((tmp_path / "run" / "campaign.json").read_text())
     assert state["generation"] == 1 and state["steps"]["0"] == 5  # the first checkpoint, still current
     assert (tmp_path / "run" / state["ensemble"]).is_file()
-    again = almd_run(toml)
-    out, err = again.communicate(timeout=600)
-    assert again.returncode == 0, err
+    run_to_end(toml)
     walker, log, hashes, unique = outcome(tmp_path / "run")
     assert unique and (walker, log, hashes) == uninterrupted[:3]
 
@@ -315,9 +309,7 @@ def test_sigkill_during_a_database_write(uninterrupted, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert len(list(ase.db.connect(tmp_path / "run" / "labels.db").select())) == 4  # the 5th rolled back
-    again = almd_run(toml)
-    out, err = again.communicate(timeout=600)
-    assert again.returncode == 0, err
+    run_to_end(toml)
     walker, log, hashes, unique = outcome(tmp_path / "run")
     assert unique and (walker, log, hashes) == uninterrupted[:3]
 

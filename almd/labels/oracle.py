@@ -315,7 +315,8 @@ class Oracle:
             self._preflight(frames[idx[0]])
         jobs = [(frames[idx[0]], key) for key, idx in todo.items()]
         where = list(todo.values())
-        for j, result in (spread or self._threads(max_workers))(jobs):
+        # nothing to compute (every frame known): no spread started, which under MPI would wake the other ranks
+        for j, result in (spread or self._threads(max_workers))(jobs) if jobs else ():
             idx = where[j]
             if result.ok:
                 self._cache[result.content_hash] = result
