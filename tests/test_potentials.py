@@ -210,3 +210,50 @@ def test_almd_files_read_weights_only(tmp_path):
     back = Ensemble.load(ens.save(tmp_path / "ensemble.pt"))
     original = pot.state_dict()
     assert back.k == 2 and all(torch.equal(v, original[k].to(v.dtype)) for k, v in back.backbone.state_dict().items())
+
+
+def test_streamlined_e3nn_graphs_give_the_same_values_and_derivatives():
+    """One split instead of per-block slices, dead einsums dropped: first and second derivatives unchanged."""
+    import copy
+
+    from e3nn import o3
+
+    from almd.potentials.e3nn_graphs import streamline
+
+    irreps_x, irreps_y = o3.Irreps("8x0e+4x1o+2x2e"), o3.Irreps("1x0e+1x1o+1x2e")
+    product = o3.FullyConnectedTensorProduct(irreps_x, irreps_y, "4x0e+3x1o+2x2e", shared_weights=False).double()
+    linear = o3.Linear(irreps_x, "6x0e+2x1o+3x2e").double()
+    for module, n_inputs in ((product, 3), (linear, 1)):
+        plain = copy.deepcopy(module)
+        assert streamline(module) >= 1
+        code = "".join(m.code for m in module.modules() if isinstance(m, torch.fx.GraphModule))
+        assert "split" in code
+        gen = torch.Generator().manual_seed(0)
+        dims = (irreps_x.dim, irreps_y.dim, product.weight_numel)[:n_inputs]
+        inputs = [torch.randn(5, d, generator=gen, dtype=torch.float64, requires_grad=True) for d in dims]
+        results = []
+        for m in (plain, module):
+            out = m(*inputs)
+            probe = torch.sin(out).sum()  # a non-linear readout, so second derivatives are not trivial
+            grads = torch.autograd.grad(probe, inputs, create_graph=True)
+            second = torch.autograd.grad(sum((g**2).sum() for g in grads), inputs)
+            results.append([out, *grads, *second])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+
+
+def test_sevennet_is_streamlined_and_unchanged(monkeypatch, sic8):
+    import almd.potentials.sevennet as sevennet
+
+    fast = potentials.load("sevennet-0").double().eval()
+    monkeypatch.setattr(sevennet, "streamline", lambda model: 0)
+    plain = potentials.load("sevennet-0").double().eval()
+    e_fast, f_fast, s_fast = efs(fast, sic8)
+    e_plain, f_plain, s_plain = efs(plain, sic8)
+    assert e_fast == pytest.approx(e_plain, abs=1e-10)
+    np.testing.assert_allclose(f_fast, f_plain, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(s_fast, s_plain, rtol=0, atol=1e-12)
+    u = torch.as_tensor(np.random.default_rng(3).normal(size=(len(sic8), 3)))
+    graph = build_graph(sic8, fast.cutoff, torch.float64)
+    np.testing.assert_allclose(hessian_vector_product(fast, graph, u).numpy(),
+                               hessian_vector_product(plain, graph, u).numpy(), rtol=0, atol=1e-9)

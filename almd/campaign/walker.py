@@ -6,7 +6,8 @@ per-frame ``uncertainty`` when it has one, the largest force) and keeps the
 recent frames, so the trigger can pick which of them to label.
 
 Its whole dynamical state — positions, momenta, cell, step, the thermostat's
-random-number generator — is a :class:`WalkerState`, which round-trips through
+random-number generator, the Nosé–Hoover and barostat chains
+(:mod:`almd.campaign.dynamics`) — is a :class:`WalkerState`, which round-trips through
 JSON exactly (Python writes the shortest repr that reads back to the same
 float). A run restored from it continues bit for bit, because ASE's Langevin
 draws its noise from that generator and the forces at a restored geometry are
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
 from ase.calculators.calculator import Calculator as AseCalculator
 from ase.md.velocitydistribution import Stationary
 
@@ -35,11 +36,10 @@ try:  # ASE >= 3.27 renamed MaxwellBoltzmannDistribution
 except ImportError:  # pragma: no cover
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
+from almd.campaign.dynamics import DYNAMICS, THERMOSTATTED, build_integrator, integrator_state, restore_integrator, retarget
 from almd.io import atomic_write
 
 __all__ = ["DYNAMICS", "Frame", "StepRecord", "Walker", "WalkerError", "WalkerSettings", "WalkerState"]
-
-DYNAMICS = ("langevin", "nve")
 
 
 class WalkerError(ValueError):
@@ -54,6 +54,9 @@ class WalkerSettings:
     temperature: float = 300.0  #: thermostat target and initial Maxwell–Boltzmann temperature
     timestep: float = 1.0  #: fs
     friction: float = 0.01  #: 1/fs, Langevin only (Callsen et al.: 0.01)
+    tdamp: float = 100.0  #: fs, the Nosé–Hoover chain's time scale (nose-hoover, npt; ASE: ~100 steps)
+    pdamp: float = 1000.0  #: fs, the barostat's time scale (npt; ASE: ~1000 steps)
+    pressure: float = 0.0  #: GPa, the external pressure (npt)
     seed: int = 0
     max_force: float = 50.0  #: a larger force (or a non-finite one) is a blow-up
     keep: int = 1000  #: recent frames kept for frame selection (the trigger's window)
@@ -64,7 +67,7 @@ class WalkerSettings:
     def __post_init__(self) -> None:
         if self.dynamics not in DYNAMICS:
             raise WalkerError(f"dynamics = {self.dynamics!r} is not allowed; allowed: {', '.join(DYNAMICS)}")
-        for name in ("timestep", "max_force"):
+        for name in ("timestep", "max_force", "tdamp", "pdamp"):
             if not getattr(self, name) > 0:
                 raise WalkerError(f"{name} = {getattr(self, name)!r} must be > 0")
         if self.temperature < 0:
@@ -84,9 +87,9 @@ class WalkerSettings:
                 all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stage)
             if not ok or stage[0] < 1 or int(stage[0]) != stage[0] or min(stage[1:]) < 0:
                 raise WalkerError(f"schedule stage {stage!r}: must be {allowed}")
-        if self.schedule and self.dynamics != "langevin":
+        if self.schedule and self.dynamics not in THERMOSTATTED:
             raise WalkerError(f"schedule with dynamics = {self.dynamics!r}: a temperature schedule needs a thermostat "
-                              "(dynamics = 'langevin')")
+                              f"(dynamics = one of {', '.join(THERMOSTATTED)})")
 
     def temperature_at(self, step: int) -> float:
         """Thermostat temperature (K) of MD step ``step`` (1 is the first step; 0 the start)."""
@@ -128,11 +131,14 @@ class WalkerState:
     cell: list[list[float]]
     pbc: list[bool]
     rng: dict[str, Any] = field(default_factory=dict)  # numpy bit-generator state
+    integrator: dict[str, list] = field(default_factory=dict)  # thermostat / barostat chains (almd.campaign.dynamics)
 
     @classmethod
-    def of(cls, atoms: Atoms, step: int, rng: np.random.Generator) -> "WalkerState":
+    def of(cls, atoms: Atoms, step: int, rng: np.random.Generator,
+           integrator: dict[str, list] | None = None) -> "WalkerState":
         return cls(step, atoms.numbers.tolist(), atoms.positions.tolist(), atoms.get_momenta().tolist(),
-                   atoms.cell.array.tolist(), atoms.pbc.tolist(), _jsonable(rng.bit_generator.state))
+                   atoms.cell.array.tolist(), atoms.pbc.tolist(), _jsonable(rng.bit_generator.state),
+                   integrator or {})
 
     def atoms(self) -> Atoms:
         a = Atoms(self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
@@ -145,10 +151,10 @@ class WalkerState:
     @classmethod
     def from_json(cls, text: str) -> "WalkerState":
         raw = json.loads(text)
-        missing = [f.name for f in fields(cls) if f.name not in raw]
+        missing = [f.name for f in fields(cls) if f.name not in raw and f.name not in ("rng", "integrator")]
         if missing:
             raise WalkerError(f"walker state lacks {', '.join(missing)}")
-        return cls(**{f.name: raw[f.name] for f in fields(cls)})
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 @dataclass(frozen=True)
@@ -193,25 +199,11 @@ class Walker:
             if self.atoms.numbers.tolist() != atoms.numbers.tolist():
                 raise WalkerError(f"{name}: the saved state has other atoms than the structure given")
         self.calculator = calculator
-        self.dynamics = self._integrator()
+        self.dynamics = build_integrator(self.atoms, s, s.temperature_at(self.step + 1), self.rng)
+        if state is not None:
+            restore_integrator(self.dynamics, state.integrator)
         self.frames: deque[Frame] = deque(maxlen=s.keep)
         self._trusted = self.state()
-
-    def _integrator(self):
-        from ase.parallel import DummyMPI
-
-        s = self.settings
-        # comm: a walker is one process's trajectory. ASE's default (MPI world) would make
-        # Langevin take rank 0's random numbers on every rank under mpiexec.
-        if s.dynamics == "langevin":
-            from ase.md.langevin import Langevin
-
-            # fixcm=False: the deprecated centre-of-mass fix does not sample NVT correctly
-            return Langevin(self.atoms, s.timestep * units.fs, temperature_K=s.temperature_at(self.step + 1),
-                            friction=s.friction / units.fs, fixcm=False, rng=self.rng, comm=DummyMPI())
-        from ase.md.verlet import VelocityVerlet
-
-        return VelocityVerlet(self.atoms, s.timestep * units.fs, comm=DummyMPI())
 
     @property
     def calculator(self) -> AseCalculator:
@@ -224,7 +216,7 @@ class Walker:
 
     # ---------------------------------------------------------------- state
     def state(self) -> WalkerState:
-        return WalkerState.of(self.atoms, self.step, self.rng)
+        return WalkerState.of(self.atoms, self.step, self.rng, integrator_state(self.dynamics))
 
     def restore(self, state: WalkerState) -> None:
         """Put the walker back into ``state`` (same atoms), keeping its calculator."""
@@ -236,6 +228,7 @@ class Walker:
         self.atoms.pbc = state.pbc
         self.rng.bit_generator.state = state.rng
         self.step = state.step
+        restore_integrator(self.dynamics, state.integrator)
         self.frames = deque((f for f in self.frames if f.step <= state.step), maxlen=self.settings.keep)
 
     def trust(self) -> None:
@@ -261,7 +254,8 @@ class Walker:
     def advance(self) -> StepRecord:
         """One MD step. A blow-up is reported, not raised; the caller decides (usually rollback)."""
         if self.settings.schedule:  # the schedule's position is the step: a resumed ramp neither repeats nor skips
-            self.dynamics.set_temperature(temperature_K=self.settings.temperature_at(self.step + 1))
+            self.dynamics = retarget(self.dynamics, self.settings, self.settings.temperature_at(self.step + 1),
+                                     self.rng)
         with np.errstate(all="ignore"):
             self.dynamics.step()
         self.step += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from almd.potentials.e3nn_graphs import streamline
 from almd.potentials.graph import Graph
 from almd.potentials.potential import Potential, _top_module
 
@@ -24,6 +25,7 @@ class Mace(Potential):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
+        streamline(model)
         self.model = model
         self.cutoff = float(model.r_max)
         self.species = tuple(int(z) for z in model.atomic_numbers)

@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from almd.potentials.e3nn_graphs import streamline
 from almd.potentials.graph import Graph
 from almd.potentials.potential import Potential, _top_module
 
@@ -73,6 +74,7 @@ class SevenNet(Potential):
             model.eval_modal_map = False  # almd gives the modality index itself (sevenn's reads .x off a data object)
             self.modal_index = int(model.modal_map[self.modality])
         model.set_is_batch_data(True)
+        streamline(model)
         self.model = model
         self.config = config
         self.cutoff = float(config["cutoff"])
