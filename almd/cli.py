@@ -17,6 +17,7 @@ __all__ = ["main", "SUBCOMMANDS"]
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("almd.campaign.cli", "run or resume an active-learning MD campaign (TOML; built-in Si campaign without one)"),
+    "md": ("almd.campaign.production", "production MD with a trained model and its uncertainty, no learning"),
     "report": ("almd.campaign.report", "rebuild a campaign's summary.json from its run directory"),
     "demo": ("almd.phonons.demo", "silicon phonons: SevenNet-0 through almd.Calculator vs VASP PBE (no input files)"),
     "phonons": ("almd.phonons", "phonons, thermal properties and kappa for any calculator"),

@@ -96,7 +96,7 @@ def small_si_sections(out, steps: int, checkpoint_every: int = 6, walkers: int =
                     "adaptive": False, "audit_every": 0},
         "learning": {"initial_labels": 2, "initial_calibration": 1, "phonons": False, "test_frames": 0},
         "run": {"steps": steps, "walkers": walkers, "checkpoint_every": checkpoint_every, "output": str(out),
-                "progress": False},
+                "progress": False, "trajectory_every": 3},
         **sections,
     }
 

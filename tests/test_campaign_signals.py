@@ -51,7 +51,21 @@ def outcome(run: Path) -> tuple:
         log = [(r["walker"], r["step"], r["energy"], r["score"], r["action"]) for r in csv.DictReader(fh)]
     rows = list(ase.db.connect(run / "labels.db").select())
     hashes = [r.content_hash for r in rows]
-    return json.loads((run / "walker-0.json").read_text()), log, sorted(hashes), len(hashes) == len(set(hashes))
+    return (json.loads((run / "walker-0.json").read_text()), log + trajectory(run), sorted(hashes),
+            len(hashes) == len(set(hashes)))
+
+
+def trajectory(run: Path) -> list[tuple]:
+    """Every frame of walker 0's trajectory: step, energy, positions, uncertainty (each once, in order;
+    the spread is evaluated on every 2nd step, so only even steps carry one).
+    """
+    from ase.io import read
+
+    frames = read(run / "trajectory-0.extxyz", ":")
+    steps = [a.info["step"] for a in frames]
+    assert steps == list(range(3, STEPS + 1, 3)), steps
+    return [(a.info["step"], a.get_potential_energy(), a.positions.tobytes(),
+             a.arrays.get("force_uncertainty", a.positions[:0]).tobytes()) for a in frames]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +142,32 @@ def test_a_torn_last_line_of_the_log_is_dropped_on_resume(tmp_path):
     assert path.read_bytes() == b"walker,step,energy\r\n0,1,-1.5\r\n0,2,-1.6\r\n"
     truncate_log(path, fields, {"0": 1})
     assert path.read_bytes() == b"walker,step,energy\r\n0,1,-1.5\r\n"
+
+
+def test_a_torn_last_frame_of_the_trajectory_is_dropped_on_resume(tmp_path):
+    """A kill inside a frame's write leaves part of it; trim keeps the whole frames up to the checkpoint."""
+    from ase.build import bulk
+    from ase.io import read
+
+    from almd.campaign.trajectory import TrajectoryWriter, trim
+    from almd.phonons import stillinger_weber_si
+
+    atoms = bulk("Si", "diamond", a=5.431, cubic=True)
+    atoms.calc = stillinger_weber_si()
+    path = tmp_path / "trajectory-0.extxyz"
+    writer = TrajectoryWriter(path, every=2)
+    for step in range(1, 9):
+        atoms.rattle(0.01, seed=step)
+        atoms.get_forces(), atoms.get_stress()  # as a walker's step has them
+        writer.write(atoms, step, 0.1 * step, 300.0, 1)
+    text = path.read_text()
+    path.write_text(text[: len(text) - 40])  # the frame of step 8 torn
+    assert trim(path, last_step=8) == 3
+    assert [a.info["step"] for a in read(path, ":")] == [2, 4, 6]
+    assert trim(path, last_step=5) == 2  # a checkpoint at step 5: frames after it are re-run
+    frames = read(path, ":")
+    assert [a.info["step"] for a in frames] == [2, 4] and frames[1].info["score"] == pytest.approx(0.4)
+    assert frames[1].get_forces().shape == (8, 3)
 
 
 def test_a_moved_run_directory_resumes_from_itself(uninterrupted, tmp_path):

@@ -91,6 +91,7 @@ class RunConfig:
     checkpoint_every: int = 50  #: steps
     output: str = "almd-run"
     progress: bool = True
+    trajectory_every: int = 10  #: steps between frames of OUTPUT/trajectory-<walker>.extxyz (0: none)
 
 
 @dataclass
@@ -141,6 +142,8 @@ class CampaignConfig(TomlSettings):
         if self.reference.retries < 0 or not self.reference.timeout > 0:
             raise bad("reference.retries/timeout", (self.reference.retries, self.reference.timeout),
                       "need retries >= 0 and timeout > 0 s")
+        if not isinstance(r.trajectory_every, int) or r.trajectory_every < 0:
+            raise bad("run.trajectory_every", r.trajectory_every, "an integer >= 0 (0: no trajectory)")
         if self.reference.threads < 1:
             raise bad("reference.threads", self.reference.threads, "an integer >= 1")
         if le.test_frames < 0 or le.test_spacing < 1:

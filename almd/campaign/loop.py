@@ -16,7 +16,8 @@ Everything lives in ``run.output``: ``labels.db`` (every reference
 calculation, as soon as it finishes), ``campaign.json`` (the checkpoint, one
 unit: see :mod:`almd.campaign.state`) with its ``ensemble-G.pt``,
 ``models/backbone-vN.pt`` (fine-tuned backbones), ``walker-K.json`` and
-``trigger-K.json`` (copies for reading), ``steps.csv`` (flushed every round) and
+``trigger-K.json`` (copies for reading), ``steps.csv`` (flushed every round),
+``trajectory-K.extxyz`` (every ``run.trajectory_every`` steps, :mod:`almd.campaign.trajectory`) and
 ``almd.lock`` while a process runs there. A killed campaign started again
 resumes from the last checkpoint; steps after it are re-run, and any
 reference calculation they call again is read back from the database, never
@@ -51,6 +52,7 @@ from almd.campaign.state import (
     truncate_log,
     write_checkpoint,
 )
+from almd.campaign.trajectory import TrajectoryWriter, trim
 from almd.campaign.trigger import Action, Decision, Trigger
 from almd.campaign.walker import Frame, StepRecord, Walker, WalkerState
 from almd.structures import bare
@@ -155,6 +157,7 @@ class Campaign:
         self.local = owned(cfg.run.walkers, self.comm)
         self.walkers = {k: self._walker(k) for k in self.local}
         self.triggers = {k: self._trigger(k) for k in self.local}
+        self.trajectories = {k: self._trajectory(k) for k in self.local}
         for w in self.walkers.values():
             _restart_uncertainty(w)
 
@@ -253,6 +256,11 @@ class Campaign:
             settings = replace(settings, seed=settings.seed + 1000 * k)
         state = WalkerState.from_json(json.dumps(saved)) if saved is not None else None
         return Walker(self.start, self._calculator(), settings, name=f"walker-{k}", state=state)
+
+    def _trajectory(self, k: int) -> TrajectoryWriter:
+        path = self.output / f"trajectory-{k}.extxyz"
+        trim(path, int(self.state.get("steps", {}).get(str(k), 0)))  # steps after the checkpoint are re-run
+        return TrajectoryWriter(path, self.config.run.trajectory_every)
 
     def _trigger(self, k: int) -> Trigger:
         saved = self.state.get("triggers", {}).get(str(k))
@@ -410,6 +418,8 @@ class Campaign:
                 continue
             with self._timed("md_and_uncertainty"):
                 record, decision, request = self.step(k)
+            if not decision.stop:  # a brake rolled the walker back: its step is re-run
+                self.trajectories[k].write(w.atoms, record.step, record.score, record.temperature, self.model_version)
             rows.append({"walker": k, "step": record.step, "energy": record.energy,
                          "temperature": record.temperature, "max_force": record.max_force, "score": record.score,
                          "action": decision.action.value, "reasons": "+".join(decision.reasons),
