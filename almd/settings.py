@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "TomlSettings", "bad"]
+__all__ = ["ConfigError", "TomlSettings", "bad", "read_section"]
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,8 @@ class TomlSettings:
         unknown = sorted(set(raw) - set(hints))
         if unknown:
             raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(hints)}")
-        settings = cls(**{name: _section(name, hints[name], raw.get(name, {})) for name in hints})
+        settings = cls(**{name: _tables(name, raw.get(name, [])) if typing.get_origin(hints[name]) is list
+                          else _section(name, hints[name], raw.get(name, {})) for name in hints})
         settings.validate()
         return settings
 
@@ -55,6 +56,18 @@ class TomlSettings:
 
     def validate(self) -> None:
         """Checks that involve several settings (each value's type is checked on reading)."""
+
+
+def _tables(name: str, raw: Any) -> list[dict[str, Any]]:
+    """A TOML array of tables (``[[name]]``), each checked by the settings' own :meth:`validate`."""
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(f"{name} = {raw!r}: expected an array of tables ([[{name}]] sections)")
+    return [dict(t) for t in raw]
+
+
+def read_section(name: str, cls: type, raw: Any) -> Any:
+    """One TOML table → an instance of the dataclass ``cls`` (see :func:`_section`)."""
+    return _section(name, cls, raw)
 
 
 def _section(name: str, cls: type, raw: Any) -> Any:

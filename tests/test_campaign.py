@@ -45,7 +45,7 @@ def test_campaign_learns_and_a_killed_run_resumes_bit_for_bit(tmp_path):
 def test_bad_campaign_settings_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'md.temp'.*temperature"):
         CampaignConfig.from_dict({"md": {"temp": 300}})
-    with pytest.raises(ConfigError, match=r"\[md\]: dynamics = 'nvt'.*langevin, nve"):
+    with pytest.raises(ConfigError, match=r"\[md\]: dynamics = 'nvt'.*langevin, nose-hoover, npt, nve"):
         CampaignConfig.from_dict({"md": {"dynamics": "nvt"}})
     with pytest.raises(ConfigError, match="unknown section \\[walkers\\]"):
         CampaignConfig.from_dict({"walkers": {}})
@@ -83,3 +83,30 @@ def test_unknown_element_is_named_before_any_reference_call(tmp_path):
     from almd.labels.database import LabelDatabase
 
     assert len(LabelDatabase(tmp_path / "out" / "labels.db")) == 0
+
+
+def test_walkers_with_their_own_temperature_dynamics_and_structure(tmp_path):
+    """[[walker]] tables: walker 1 starts from its own file (a 2 % larger cell, which NVT keeps), runs
+    Nosé–Hoover at 1500 K; walker 0 Langevin at 300 K. Each walker's checkpointed state shows its own.
+    """
+    import json
+
+    from ase.build import bulk
+    from ase.io import write
+
+    expanded = tmp_path / "expanded.xyz"
+    write(expanded, bulk("Si", "diamond", a=1.02 * 5.431, cubic=True))
+    out = tmp_path / "run"
+    walkers = [{"temperature": 300.0}, {"temperature": 1500.0, "dynamics": "nose-hoover", "tdamp": 40.0,
+                                        "structure": str(expanded)}]
+    result = Campaign(small_si_campaign(out, 20, walker=walkers, run={
+        "steps": 20, "walkers": 2, "checkpoint_every": 100, "output": str(out), "progress": False})).run()
+    assert result.steps == {0: 20, 1: 20}
+    with open(out / "steps.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    temperature = {k: np.mean([float(r["temperature"]) for r in rows if r["walker"] == str(k)]) for k in (0, 1)}
+    assert temperature[1] > 2 * temperature[0]
+    state = json.loads((out / "campaign.json").read_text())["walkers"]
+    np.testing.assert_allclose(np.diag(state["1"]["cell"]), 1.02 * 5.431)
+    np.testing.assert_allclose(np.diag(state["0"]["cell"]), 5.431)
+    assert set(state["1"]["integrator"]) == {"thermostat.eta", "thermostat.p_eta"} and not state["0"]["integrator"]

@@ -54,3 +54,28 @@ def test_a_bad_campaign_is_one_line_rc_2_and_creates_nothing(tmp_path):
         (line,) = out.stdout.strip().splitlines()
         assert line.startswith("almd run: error: ") and expected in line
         assert not (tmp_path / "run").exists()
+
+
+def test_phonon_inputs_that_cannot_work_are_one_line_errors(tmp_path, capsys):
+    """A displacement set without forces, a missing file, a misspelt calculator: status 2, one line, no file."""
+    import phonopy
+    from phonopy.structure.atoms import PhonopyAtoms
+
+    from almd.phonons.cli import main
+
+    unit = PhonopyAtoms(symbols=["Si", "Si"], cell=[[0, 2.715, 2.715], [2.715, 0, 2.715], [2.715, 2.715, 0]],
+                        scaled_positions=[[0, 0, 0], [0.25, 0.25, 0.25]])
+    displaced = phonopy.Phonopy(unit, supercell_matrix=[[2, 0, 0], [0, 2, 0], [0, 0, 2]])
+    displaced.generate_displacements()
+    displaced.save(str(tmp_path / "phonopy_disp.yaml"))
+    cases = [(["-c", "stillinger-weber-si", "--reference", str(tmp_path / "phonopy_disp.yaml")],
+              "a displacement data set without forces"),
+             (["-c", "stillinger-weber-si", "--reference", str(tmp_path / "missing.yaml")],
+              "missing.yaml: no such phonon data set"),
+             (["-c", "stilinger-weber-si", "--reference", str(tmp_path / "phonopy_disp.yaml")],
+              "calculator 'stilinger-weber-si' is not allowed: a reference preset (stillinger-weber-si")]
+    for args, message in cases:
+        assert main([*args, "--json", str(tmp_path / "out.json")]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("almd phonons: error: ") and message in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phonopy_disp.yaml"]

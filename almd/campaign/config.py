@@ -20,13 +20,14 @@ A minimal campaign::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from almd.campaign.trigger_settings import TriggerSettings
 from almd.campaign.walker import WalkerSettings
-from almd.settings import ConfigError, TomlSettings, bad
+from almd.settings import ConfigError, TomlSettings, bad, read_section
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -119,6 +120,16 @@ class CampaignConfig(TomlSettings):
     learning: LearningConfig = field(default_factory=LearningConfig)
     run: RunConfig = field(default_factory=RunConfig)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    #: ``[[walker]]`` tables, one per walker: its own [md] values (temperature, schedule, pressure,
+    #: dynamics, seed, ...) and ``structure`` (a file, repeated by system.supercell); empty: all alike
+    walker: list[dict[str, Any]] = field(default_factory=list)
+
+    def walker_settings(self, k: int) -> WalkerSettings:
+        """Walker ``k``'s MD settings: [md], its [[walker]] table over them, and its own seed."""
+        own = {key: v for key, v in (self.walker[k] if self.walker else {}).items() if key != "structure"}
+        if k > 0 and "seed" not in own:  # independent trajectories: each walker its own seed
+            own["seed"] = self.md.seed + 1000 * k
+        return read_section(f"walker[{k}]", WalkerSettings, {**dataclasses.asdict(self.md), **own})
 
     def validate(self) -> None:
         s, m, le, r = self.system, self.model, self.learning, self.run
@@ -128,6 +139,7 @@ class CampaignConfig(TomlSettings):
                       f"give a built-in ({', '.join(BUILTIN_STRUCTURES)}) or an existing structure file")
         if len(s.supercell) not in (1, 3) or min(s.supercell) < 1:
             raise bad("system.supercell", s.supercell, "one or three integers >= 1")
+        self._validate_walkers()
         if m.members < 2:
             raise bad("model.members", m.members, "an ensemble needs >= 2 members")
         if m.score not in ("max", "mean", "rms"):
@@ -157,6 +169,19 @@ class CampaignConfig(TomlSettings):
         if not 0.0 <= le.validation_fraction < 1.0:
             raise bad("learning.validation_fraction", le.validation_fraction, "must be in [0, 1)")
         self._validate_finetune()
+
+    def _validate_walkers(self) -> None:
+        if self.walker and len(self.walker) != self.run.walkers:
+            raise bad("run.walkers", self.run.walkers, f"{len(self.walker)} [[walker]] tables are given: one per walker")
+        allowed = ["structure", *(f.name for f in dataclasses.fields(WalkerSettings))]
+        for k, table in enumerate(self.walker):
+            unknown = sorted(set(table) - set(allowed))
+            if unknown:
+                raise ConfigError(f"unknown key 'walker[{k}].{unknown[0]}'; allowed in [[walker]]: {', '.join(allowed)}")
+            structure = table.get("structure")
+            if structure is not None and (not isinstance(structure, str) or not Path(structure).is_file()):
+                raise bad(f"walker[{k}].structure", structure, "an existing structure file ASE reads")
+            self.walker_settings(k)  # every value checked now, before any file is made
 
     def _validate_finetune(self) -> None:
         ft = self.finetune
@@ -212,10 +237,17 @@ def unit_structure(config: CampaignConfig) -> "Atoms":
     return read(s.structure)
 
 
-def starting_structure(config: CampaignConfig) -> "Atoms":
-    """The campaign's start: the unit structure repeated, optionally rattled."""
+def starting_structure(config: CampaignConfig, walker: int | None = None) -> "Atoms":
+    """The campaign's start (or ``walker``'s own, from its [[walker]] structure): the unit repeated, rattled."""
     s = config.system
-    atoms = unit_structure(config).repeat(s.supercell * 3 if len(s.supercell) == 1 else s.supercell)
+    own = config.walker[walker].get("structure") if walker is not None and config.walker else None
+    if own is not None:
+        from ase.io import read
+
+        unit = read(own)
+    else:
+        unit = unit_structure(config)
+    atoms = unit.repeat(s.supercell * 3 if len(s.supercell) == 1 else s.supercell)
     if s.rattle > 0:
         atoms.rattle(s.rattle, seed=config.md.seed)
     return atoms

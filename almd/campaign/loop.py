@@ -249,13 +249,9 @@ class Campaign:
 
     def _walker(self, k: int) -> Walker:
         saved = self.state.get("walkers", {}).get(str(k))
-        settings = self.config.md
-        if k > 0:  # independent trajectories: each walker its own seed
-            from dataclasses import replace
-
-            settings = replace(settings, seed=settings.seed + 1000 * k)
         state = WalkerState.from_json(json.dumps(saved)) if saved is not None else None
-        return Walker(self.start, self._calculator(), settings, name=f"walker-{k}", state=state)
+        start = starting_structure(self.config, k) if self.config.walker else self.start
+        return Walker(start, self._calculator(), self.config.walker_settings(k), name=f"walker-{k}", state=state)
 
     def _trajectory(self, k: int) -> TrajectoryWriter:
         path = self.output / f"trajectory-{k}.extxyz"
@@ -268,7 +264,7 @@ class Campaign:
             return Trigger.from_json(json.dumps(saved))
         cfg = self.config
         settings = cfg.trigger.for_run(cfg.run.steps, scored_every=cfg.model.uncertainty_every)
-        return Trigger(settings, stationary_from=cfg.md.schedule_steps)
+        return Trigger(settings, stationary_from=cfg.walker_settings(k).schedule_steps)
 
     # ------------------------------------------------------------ learning (rank 0)
     def _label(self, frames: list[Atoms], walker: int, step: int, reason: str,

@@ -56,8 +56,14 @@ def resolve_calculator(name: str | AseCalculator, **kwargs: Any) -> AseCalculato
     key = name.strip()
     if key.lower() in PRESETS or ":" in key:
         return build_calculator(key, **kwargs)
-    from almd.potentials.calculator import Calculator
+    from pathlib import Path
 
+    from almd.potentials.calculator import Calculator
+    from almd.potentials.sevennet import PRETRAINED
+
+    if not Path(key).is_file() and key.lower() not in PRETRAINED:
+        raise ValueError(f"calculator {name!r} is not allowed: a reference preset ({', '.join(PRESETS)}), "
+                         f"'module:Class', a model file or a pretrained model ({', '.join(PRETRAINED)})")
     return Calculator(model=key, **kwargs)
 
 

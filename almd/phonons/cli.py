@@ -86,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         print("almd phonons: give a STRUCTURE or --reference DATA", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    calc = resolve_calculator(args.calculator)
+    try:  # every input checked before any work: one line, status 2
+        calc = resolve_calculator(args.calculator)
+        ref = load_reference(args.reference) if args.reference else None
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"almd phonons: error: {exc}", file=sys.stderr)
+        return 2
     mesh = _mesh(args.mesh)
     supercell = _supercell(args.supercell)
     out: dict[str, Any] = {"calculator": args.calculator}
-    ref = load_reference(args.reference) if args.reference else None
 
     if ref is not None and args.structure is None and supercell is None:
         model, dft, errors = phonons_vs_reference(

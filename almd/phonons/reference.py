@@ -86,7 +86,7 @@ def load_reference(path: str | Path) -> PhononReference:
     path = Path(path)
     file = _find_file(path) if path.is_dir() else path
     if not file.exists():
-        raise FileNotFoundError(file)
+        raise FileNotFoundError(f"{file}: no such phonon data set (phonopy.yaml, phono3py_disp.yaml or a folder)")
     if "phono3py" in file.name:
         import phono3py
 
@@ -97,13 +97,26 @@ def load_reference(path: str | Path) -> PhononReference:
             produce_fc=False,
             log_level=0,
         )
+        if ph3.forces is None:
+            raise ReferenceDataError(f"{file}: a displacement data set without forces (no FORCES_FC3 beside it)")
         return PhononReference(str(file), _harmonic_from_phono3py(ph3), ph3)
     import phonopy
 
     # Force constants through the same path as the model's (traditional
     # symmetrisation); phonopy.load's symfc projector takes ~30 s per 512-atom cell.
     ph = phonopy.load(file, produce_fc=False, log_level=0)
-    return PhononReference(str(file), set_forces_and_fc(ph, ph.forces))
+    try:
+        forces = ph.forces
+    except RuntimeError:  # phonopy: "forces is not found in displacement-force dataset"
+        forces = None
+    if forces is None:
+        raise ReferenceDataError(f"{file}: a displacement data set without forces; a reference needs the "
+                                 "forces of its displaced supercells (phonopy -f, or phonopy.yaml with forces)")
+    return PhononReference(str(file), set_forces_and_fc(ph, forces))
+
+
+class ReferenceDataError(ValueError):
+    """A phonon data set that cannot serve as a reference (no forces, unreadable)."""
 
 
 def as_reference(ref: str | Path | PhononReference) -> PhononReference:
@@ -216,4 +229,4 @@ def compare(result: PhononResult, reference: PhononResult) -> dict[str, Any]:
     return out
 
 
-__all__ = ["PhononReference", "load_reference", "as_reference", "phonons_vs_reference", "compare", "THZ_TO_K"]
+__all__ = ["PhononReference", "ReferenceDataError", "load_reference", "as_reference", "phonons_vs_reference", "compare", "THZ_TO_K"]
