@@ -110,3 +110,18 @@ def test_walkers_with_their_own_temperature_dynamics_and_structure(tmp_path):
     np.testing.assert_allclose(np.diag(state["1"]["cell"]), 1.02 * 5.431)
     np.testing.assert_allclose(np.diag(state["0"]["cell"]), 5.431)
     assert set(state["1"]["integrator"]) == {"thermostat.eta", "thermostat.p_eta"} and not state["0"]["integrator"]
+
+
+def test_progress_lines_one_per_walker_every_n_steps():
+    from almd.campaign.progress import ProgressLines
+
+    lines: list[str] = []
+    progress = ProgressLines(every=10, steps=30)
+    for step in range(1, 31):
+        progress.show([{"walker": k, "step": step, "temperature": 300.0 + 600 * k, "score": None if step % 2 else 0.05,
+                        "calls": step // 7} for k in (0, 1)], lines.append)
+    assert [line.split("  ")[:2] for line in lines] == [[f"walker {k}", f"step {s}/30"] for s in (10, 20, 30) for k in (0, 1)]
+    assert "T 900 K  score 0.05 eV/Å  calls 1" in lines[1] and lines[-1].endswith(" s/step")
+    quiet: list[str] = []
+    ProgressLines(every=0, steps=30).show([{"walker": 0, "step": 10}], quiet.append)
+    assert quiet == []

@@ -91,7 +91,8 @@ class RunConfig:
     walkers: int = 1
     checkpoint_every: int = 50  #: steps
     output: str = "almd-run"
-    progress: bool = True
+    progress: bool = True  #: a progress bar and the lines below; false for batch jobs
+    progress_every: int = 50  #: MD steps between a walker's progress lines (0: none)
     trajectory_every: int = 10  #: steps between frames of OUTPUT/trajectory-<walker>.extxyz (0: none)
 
 
@@ -154,6 +155,8 @@ class CampaignConfig(TomlSettings):
         if self.reference.retries < 0 or not self.reference.timeout > 0:
             raise bad("reference.retries/timeout", (self.reference.retries, self.reference.timeout),
                       "need retries >= 0 and timeout > 0 s")
+        if r.progress_every < 0:
+            raise bad("run.progress_every", r.progress_every, "an integer >= 0 (0: no progress lines)")
         if not isinstance(r.trajectory_every, int) or r.trajectory_every < 0:
             raise bad("run.trajectory_every", r.trajectory_every, "an integer >= 0 (0: no trajectory)")
         if self.reference.threads < 1:

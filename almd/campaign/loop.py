@@ -42,6 +42,7 @@ import numpy as np
 from ase import Atoms
 
 from almd.campaign.config import CampaignConfig, starting_structure
+from almd.campaign.progress import ProgressLines
 from almd.campaign.selection import select_frames
 from almd.campaign.state import (
     RunLock,
@@ -416,7 +417,7 @@ class Campaign:
                 record, decision, request = self.step(k)
             if not decision.stop:  # a brake rolled the walker back: its step is re-run
                 self.trajectories[k].write(w.atoms, record.step, record.score, record.temperature, self.model_version)
-            rows.append({"walker": k, "step": record.step, "energy": record.energy,
+            rows.append({"walker": k, "step": record.step, "energy": record.energy, "calls": self.triggers[k].n_calls,
                          "temperature": record.temperature, "max_force": record.max_force, "score": record.score,
                          "action": decision.action.value, "reasons": "+".join(decision.reasons),
                          "rolling_mean": decision.rolling_mean, "threshold": decision.threshold})
@@ -489,11 +490,12 @@ class Campaign:
                 truncate_log(log_path, STEP_FIELDS, read_checkpoint(self.output).get("steps", {}))
             new_log = not log_path.exists()
             fh = open(log_path, "a", newline="")
-            log = csv.DictWriter(fh, STEP_FIELDS)
+            log = csv.DictWriter(fh, STEP_FIELDS, extrasaction="ignore")  # "calls" is for the progress lines
             if new_log:
                 log.writeheader()
             done = sum(min(int(v), cfg.steps) for v in self._read_state().get("steps", {}).values())
             bar = tqdm(total=cfg.steps * cfg.walkers, initial=done, disable=not cfg.progress, desc="almd run", unit="step")
+            progress = ProgressLines(cfg.progress_every if cfg.progress else 0, cfg.steps)
         busy, stopped = True, None
         try:
             with StopRequest() as stop:
@@ -506,6 +508,7 @@ class Campaign:
                         fh.flush()  # a kill loses no row of a finished step
                         bar.update(sum(r["action"] != "brake" for r in rows))
                         bar.set_postfix(labels=len(self.database))
+                        progress.show(rows, bar.write)
                     # every rank learns of a signal that reached any of them, in the same round
                     if self.comm.allreduce(int(stop.signal is not None)):
                         stopped = self.comm.bcast(stop.signal or "a signal on another rank")

@@ -187,7 +187,7 @@ def resumable(config: dict[str, Any]) -> dict[str, Any]:
     """The settings a resumed campaign must share with the stored one."""
     # it may run longer or quieter, its folder may have been moved or copied, and its
     # reference calculations may use the threads of another node
-    run = {k: v for k, v in config.get("run", {}).items() if k not in ("steps", "progress", "output")}
+    run = {k: v for k, v in config.get("run", {}).items() if k not in ("steps", "progress", "progress_every", "output")}
     reference = {k: v for k, v in config.get("reference", {}).items() if k != "threads"}
     return {**config, "run": run, "reference": reference}
 
