@@ -82,6 +82,8 @@ def test_campaign_makes_phonon_audit_and_test_labels(tmp_path):
     base, final = summary["phonon_errors"]["base"], summary["phonon_errors"]["final"]
     assert set(base) == set(final) and "bz_mae_thz" in base
     assert final["bz_mae_thz"] < base["bz_mae_thz"]  # learnt from SW forces: closer to SW's phonons
+    assert (out / "phonons.png").stat().st_size > 10_000  # bands of base, final and reference, kept as JSON
+    assert {p.name for p in (out / "phonons").glob("*.json")} == {"base.json", "final.json", "reference.json"}
 
     # audits: held out, and they measured the true error against the score
     audits = json.loads((out / "campaign.json").read_text())["triggers"]["0"]["audits"]

@@ -196,9 +196,16 @@ def test_the_run_summary_adds_up_and_is_rebuilt_from_the_folder_alone(uninterrup
     run = uninterrupted[-1]
     written = json.loads((run / "summary.json").read_text())
     assert summarise(run) == written  # steps.csv, labels.db and campaign.json are enough
-    (run / "summary.json").unlink()
+    plots = ("uncertainty.png", "md.png", "learning.png", "parity.png")  # no phonon labels in this campaign
+    assert all((run / name).stat().st_size > 10_000 for name in plots)
+    for name in ("summary.json", *plots):
+        (run / name).unlink()
     out = subprocess.run([sys.executable, "-m", "almd.cli", "report", str(run)], capture_output=True, text=True)
     assert out.returncode == 0 and json.loads(out.stdout) == written == json.loads((run / "summary.json").read_text())
+    assert all((run / name).stat().st_size > 10_000 for name in plots)
+    curve = json.loads((run / "campaign.json").read_text())["learning_curve"]
+    assert len(curve) == written["oracle_calls"]["trigger"] + written["oracle_calls"]["brake"]
+    assert all(point["error"] > 0 for point in curve)
     rows = list(ase.db.connect(run / "labels.db").select())
     calls = written["oracle_calls"]
     assert calls["total"] == len(rows) == calls["bootstrap"] + calls["trigger"] + calls["brake"]

@@ -154,6 +154,8 @@ class Campaign:
         self.finetunes: list[dict[str, Any]] = state.get("finetunes", [])
         self.timings: dict[str, float] = dict(state.get("timings", {}))  # s per stage (report.STAGES), on rank 0
         self.phonons: dict[str, Any] = dict(state.get("phonons", {}))  # the phonon set and the base model's errors
+        #: the model's error on each frame the trigger sent to the reference, before it learnt from it (rank 0)
+        self.learning_curve: list[dict[str, Any]] = list(state.get("learning_curve", []))
         self.ensemble = self._ensemble()
         self.local = owned(cfg.run.walkers, self.comm)
         self.walkers = {k: self._walker(k) for k in self.local}
@@ -323,8 +325,12 @@ class Campaign:
         for req in requests:
             labelled = self.labeller.stored(results[start:start + len(req.frames)])
             start += len(req.frames)
+            errors = [self._frame_error(atoms) for atoms in labelled]  # on frames the model has not learnt from
+            self.learning_curve += [{"labels": len(self.database), "walker": req.walker, "step": req.step,
+                                     "error": e, "score": atoms.info.get("uncertainty"), "reason": req.reason}
+                                    for e, atoms in zip(errors, labelled)]
             if req.audit and labelled:
-                audits.append((req.walker, req.step, self._frame_error(labelled[0]), float(req.scores[0])))
+                audits.append((req.walker, req.step, errors[0], float(req.scores[0])))
             if labelled:
                 self._refit(self.ensemble, labelled)
                 changed = True
@@ -466,7 +472,8 @@ class Campaign:
             write_checkpoint(self.output, self.ensemble, {
                 "config": self.config.to_dict(), "model_version": self.model_version, "rounds": self.rounds, "last_call": last_call, "steps": steps,
                 "backbone": self.backbone, "labels_since_finetune": self.since_finetune,
-                "finetunes": self.finetunes, "timings": self.timings, "phonons": self.phonons},
+                "finetunes": self.finetunes, "timings": self.timings, "phonons": self.phonons,
+                "learning_curve": self.learning_curve},
                 walkers, triggers)
         for w in self.walkers.values():
             _restart_uncertainty(w)

@@ -5,12 +5,13 @@ After the last MD step every walker goes on ``learning.test_frames`` ×
 ``test_spacing``-th frame: frames from the top of the temperature schedule,
 labelled (``split = "test"``) and never learnt from. The final ensemble and the
 base model are scored on them, the phonons of the final model are compared
-with the reference's, and ``summary.json`` and ``uncertainty.png`` are written.
+with the reference's, and ``summary.json`` and the plots (:mod:`almd.campaign.plots`) are written.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from ase import Atoms
@@ -21,7 +22,10 @@ from almd.structures import bare
 if TYPE_CHECKING:
     from almd.campaign.loop import Campaign
 
-__all__ = ["force_rmse", "label_test_frames", "record_outcome"]
+__all__ = ["PARITY_FILE", "force_rmse", "label_test_frames", "record_outcome", "save_parity"]
+
+#: the held-out forces of the reference, the final and the base model (``almd report``'s parity plot)
+PARITY_FILE = "heldout-forces.npz"
 
 
 def force_rmse(predict: Callable[[Atoms], dict], frames: list[Atoms]) -> float:
@@ -59,7 +63,7 @@ def record_outcome(campaign: Campaign, rmse: float, test: list[Atoms], converged
     """Held-out errors (final and base model), phonon errors, convergence, then ``summary.json`` and
     the uncertainty plot (rank 0). Without test frames the held-out labels stand in.
     """
-    from almd.campaign.plots import plot_uncertainty
+    from almd.campaign.plots import plot_run
     from almd.campaign.report import write_summary
     from almd.potentials.calculator import Calculator
 
@@ -67,19 +71,32 @@ def record_outcome(campaign: Campaign, rmse: float, test: list[Atoms], converged
     held = test or campaign.database.validation_set()
     base = Calculator(cfg.model.backbone, dtype=cfg.model.dtype)
     base_rmse = force_rmse(lambda a: {"forces": base.get_forces(a)}, held)
+    save_parity(campaign.output / PARITY_FILE, held, campaign.ensemble.predict, base)
     phonons = dict(campaign.phonons)
     if phonons.get("file"):
         from almd.campaign.phonon_labels import phonon_errors
 
         with campaign._timed("phonons"):
-            phonons["final"] = phonon_errors(campaign.output / phonons["file"], Calculator(campaign.ensemble))
+            phonons["final"] = phonon_errors(campaign.output / phonons["file"], Calculator(campaign.ensemble),
+                                             name="final")
     update_checkpoint(campaign.output, heldout={"frames": len(held), "set": "test" if test else "validation",
                                                 "final": _finite(rmse), "base": _finite(base_rmse)},
                       phonons=phonons, converged=converged, converged_at_step=converged_at,
                       timings=campaign.timings)
     write_summary(campaign.output)
-    plot_uncertainty(campaign.output)
+    plot_run(campaign.output)
 
+
+def save_parity(path: Path, frames: list[Atoms], predict: Callable[[Atoms], dict], base: Any) -> None:
+    """Reference, final-model and base-model forces (eV/Å) on the held-out frames, for the parity plot."""
+    if not frames:
+        return
+    reference = np.concatenate([np.asarray(a.get_forces()) for a in frames])
+    final = np.concatenate([predict(bare(a))["forces"] for a in frames])
+    base_forces = np.concatenate([base.get_forces(bare(a)) for a in frames])
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, reference=reference, final=final, base=base_forces)
+    tmp.replace(path)
 
 def _finite(value: float) -> float | None:
     return value if np.isfinite(value) else None  # JSON has no nan

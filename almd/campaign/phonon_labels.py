@@ -68,13 +68,20 @@ def phonon_labels(config: CampaignConfig, output: Path,
     return path
 
 
-def phonon_errors(path: str | Path, calculator: AseCalculator) -> dict[str, float]:
+def phonon_errors(path: str | Path, calculator: AseCalculator, name: str | None = None) -> dict[str, float]:
     """Errors of ``calculator``'s phonons against the reference set at ``path`` (on its own
     displacements; units: K, kJ/mol, J/K/mol per mole of primitive cells, THz).
+
+    ``name``: also keep the bands and DOS of the model and the reference beside ``path``
+    (``name.json``, ``reference.json``) for ``almd report``'s phonon plot.
     """
     from almd.phonons.reference import phonons_vs_reference
 
-    _, _, errors = phonons_vs_reference(str(path), calculator)
+    model, reference, errors = phonons_vs_reference(str(path), calculator)
+    if name is not None:
+        model.label, reference.label = f"{name} model", "reference"
+        model.to_json(Path(path).parent / f"{name}.json")
+        reference.to_json(Path(path).parent / "reference.json")
     return {k: float(errors[k]) for k in PHONON_METRICS if k in errors}
 
 
@@ -92,5 +99,5 @@ def bootstrap_phonons(campaign: Campaign) -> dict[str, Any]:
         return {}
     model = campaign.config.model
     with campaign._timed("phonons"):
-        base = phonon_errors(path, Calculator(model.backbone, dtype=model.dtype))
+        base = phonon_errors(path, Calculator(model.backbone, dtype=model.dtype), name="base")
     return {"file": str(PHONON_FILE), "base": base}

@@ -1,4 +1,12 @@
-"""Plots of a run directory: ``OUTPUT/uncertainty.png``, drawn from ``steps.csv`` and ``campaign.json`` alone."""
+"""Plots of a run directory, drawn from its files alone (``almd report`` redraws them).
+
+- ``uncertainty.png``: the per-walker uncertainty trace, thresholds, target, every call marked;
+- ``md.png``: temperature and potential energy per walker;
+- ``learning.png``: the model's true force error on each frame sent to the reference (before it
+  learnt from it) and the score that sent it, against the number of labels;
+- ``parity.png``: held-out forces of the base and the final model against the reference;
+- ``phonons.png``: bands and DOS of the base and final model beside the reference's.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ from pathlib import Path
 
 from almd.campaign.state import read_checkpoint
 
-__all__ = ["plot_uncertainty"]
+__all__ = ["plot_learning", "plot_md", "plot_parity", "plot_phonons", "plot_run", "plot_uncertainty"]
 
 #: how each kind of reference call is marked on the trace
 MARKERS = {"label": ("o", "tab:red", "trigger call"), "brake": ("X", "black", "brake"),
@@ -20,6 +28,128 @@ def _float(value: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "steps.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    fig.clf()
+    return path
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Every plot the run directory has the data for; the files written."""
+    run_dir = Path(run_dir)
+    plots = [plot_uncertainty(run_dir), plot_md(run_dir)]
+    for plot in (plot_learning, plot_parity, plot_phonons):
+        path = plot(run_dir)
+        if path is not None:
+            plots.append(path)
+    _pyplot().close("all")
+    return plots
+
+
+def plot_md(run_dir: str | Path) -> Path:
+    """Temperature (K) and potential energy per atom (eV) of each walker against the MD step."""
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    rows = [r for r in _rows(run_dir) if r["action"] != "brake"]
+    n_atoms = _atoms_per_walker(run_dir)
+    fig, (ax_t, ax_e) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
+    for k in sorted({int(r["walker"]) for r in rows}):
+        mine = [r for r in rows if int(r["walker"]) == k]
+        step = [int(r["step"]) for r in mine]
+        ax_t.plot(step, [_float(r["temperature"]) for r in mine], lw=0.7, color=f"C{k % 10}", label=f"walker {k}")
+        ax_e.plot(step, [_float(r["energy"]) / n_atoms for r in mine], lw=0.7, color=f"C{k % 10}")
+    ax_t.set_ylabel("T (K)")
+    ax_e.set_ylabel("potential energy (eV/atom)")
+    ax_e.set_xlabel("MD step")
+    ax_t.legend(fontsize=8)
+    return _save(fig, run_dir / "md.png")
+
+
+def _atoms_per_walker(run_dir: Path) -> int:
+    walkers = read_checkpoint(run_dir).get("walkers", {})
+    return max(1, len(next(iter(walkers.values()))["numbers"])) if walkers else 1
+
+
+def plot_learning(run_dir: str | Path) -> Path | None:
+    """The true force error of each frame sent to the reference (before learning from it), and its score."""
+    run_dir = Path(run_dir)
+    state = read_checkpoint(run_dir)
+    curve = state.get("learning_curve", [])
+    if not curve:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = [c["labels"] for c in curve]
+    ax.plot(labels, [c["error"] for c in curve], "o-", ms=4, lw=1, label="true force error (before learning it)")
+    scored = [(c["labels"], c["score"]) for c in curve if c.get("score") is not None]
+    if scored:
+        ax.plot(*zip(*scored), "x", color="tab:grey", label="calibrated score that called it")
+    target = state.get("config", {}).get("trigger", {}).get("target")
+    if target is not None:
+        ax.axhline(target, color="tab:purple", ls="--", lw=1.2, label=f"target {target} eV/Å")
+    heldout = state.get("heldout", {})
+    if heldout.get("final") is not None:
+        ax.axhline(heldout["final"], color="tab:green", lw=1.0, label=f"held-out at the end {heldout['final']:.3f} eV/Å")
+    ax.set_yscale("log")
+    ax.set_xlabel("labels in the database (reference calculations)")
+    ax.set_ylabel("force error (eV/Å)")
+    ax.legend(fontsize=8)
+    return _save(fig, run_dir / "learning.png")
+
+
+def plot_parity(run_dir: str | Path) -> Path | None:
+    """Held-out force components: base and final model against the reference (eV/Å)."""
+    import numpy as np
+
+    run_dir = Path(run_dir)
+    path = run_dir / "heldout-forces.npz"
+    if not path.is_file():
+        return None
+    data = np.load(path)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ref = data["reference"].ravel()
+    for key, colour in (("base", "tab:grey"), ("final", "tab:blue")):
+        pred = data[key].ravel()
+        rmse = float(np.sqrt(np.mean((pred - ref) ** 2)))
+        ax.scatter(ref, pred, s=4, alpha=0.5, color=colour, label=f"{key} model: RMSE {rmse:.3f} eV/Å")
+    lim = float(np.abs(np.concatenate([ref, data["final"].ravel(), data["base"].ravel()])).max()) * 1.05
+    ax.plot([-lim, lim], [-lim, lim], color="black", lw=0.8)
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="reference force (eV/Å)", ylabel="model force (eV/Å)")
+    ax.set_aspect("equal")
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, run_dir / "parity.png")
+
+
+def plot_phonons(run_dir: str | Path) -> Path | None:
+    """Bands and DOS of the base and the final model against the reference's (from ``phonons/*.json``)."""
+    from almd.phonons.harmonic import PhononResult
+    from almd.phonons.plot import plot_bands
+
+    run_dir = Path(run_dir)
+    files = [run_dir / "phonons" / f"{name}.json" for name in ("reference", "base", "final")]
+    present = [f for f in files if f.is_file()]
+    if files[0] not in present or len(present) < 2:
+        return None
+    return plot_bands([PhononResult.from_json(f) for f in present], run_dir / "phonons.png",
+                      title="phonons: reference, base and final model")
 
 
 def plot_uncertainty(run_dir: str | Path) -> Path:

@@ -85,7 +85,9 @@ def write_summary(run_dir: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point of ``almd report RUN_DIR``: rebuild and print ``summary.json``, redraw the plots."""
+    """Entry point of ``almd report RUN_DIR``: rebuild and print ``summary.json``, redraw the plots
+    (:mod:`almd.campaign.plots`).
+    """
     import argparse
 
     p = argparse.ArgumentParser(prog="almd report", description="Rebuild a campaign's summary.json from its run directory.")
@@ -95,8 +97,8 @@ def main(argv: list[str]) -> int:
         if not (args.run_dir / name).is_file():
             print(f"almd report: error: {args.run_dir / name} not found; give the folder a campaign wrote")
             return 2
-    from almd.campaign.plots import plot_uncertainty
+    from almd.campaign.plots import plot_run
 
     print(json.dumps(write_summary(args.run_dir), indent=1))
-    plot_uncertainty(args.run_dir)
+    plot_run(args.run_dir)
     return 0
