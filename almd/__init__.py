@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Calculator", "Campaign", "CampaignConfig", "EnsembleCalculator", "__version__", "load_model"]
+__all__ = ["Calculator", "Campaign", "CampaignConfig", "EnsembleCalculator", "OnTheFlyCalculator", "__version__",
+           "load_model"]
 
 if TYPE_CHECKING:
     from almd.campaign import Campaign, CampaignConfig
+    from almd.campaign.on_the_fly import OnTheFlyCalculator
     from almd.potentials import Potential
     from almd.potentials.calculator import Calculator
     from almd.uncertainty.calculator import EnsembleCalculator
@@ -27,6 +29,7 @@ _LAZY = {
     "EnsembleCalculator": ("almd.uncertainty.calculator", "EnsembleCalculator"),
     "Campaign": ("almd.campaign.loop", "Campaign"),
     "CampaignConfig": ("almd.campaign.config", "CampaignConfig"),
+    "OnTheFlyCalculator": ("almd.campaign.on_the_fly", "OnTheFlyCalculator"),
 }
 
 
