@@ -100,8 +100,7 @@ class SevenNet(Potential):
             KEY.NUM_ATOMS: graph.n_atoms,
         }
         if self.modality is not None:  # one modality index per structure of the batch
-            data[KEY.MODAL_TYPE] = torch.full((int(graph.n_structures),), self.modal_index, dtype=torch.int64,
-                                              device=graph.numbers.device)
+            data[KEY.MODAL_TYPE] = self.modal_types(graph.n_structures, graph.numbers.device)
         out = self.model(data)
         return out[KEY.ATOMIC_ENERGY].squeeze(-1)
 
@@ -117,10 +116,13 @@ class SevenNet(Potential):
 
     # ---- backbone knowledge
     def readout(self) -> "SevenNetReadout":
-        if self.modality is not None:
-            raise NotImplementedError(f"ensemble heads on a multi-fidelity SevenNet ({self.modality} modality) "
-                                      "are not supported yet; use it as almd.Calculator, or sevennet-0 for a campaign")
         return SevenNetReadout(self)
+
+    def modal_types(self, n_structures: int, device: torch.device) -> torch.Tensor | None:
+        """The modality index of each structure (multi-fidelity models), else None."""
+        if self.modality is None:
+            return None
+        return torch.full((int(n_structures),), self.modal_index, dtype=torch.int64, device=device)
 
     def add_energy_shifts(self, shifts: dict[int, float]) -> None:
         if not shifts:
@@ -130,7 +132,10 @@ class SevenNet(Potential):
             raise ValueError("this SevenNet model has one shared energy shift; per-element shifts need one per type")
         with torch.no_grad():
             for z, s in shifts.items():
-                shift[self.model.type_map[z]] += s
+                if shift.dim() == 2:  # multi-fidelity: one row of shifts per modality
+                    shift[self.modal_index, self.model.type_map[z]] += s
+                else:
+                    shift[self.model.type_map[z]] += s
 
     def layer_group(self, name: str) -> str:
         # sevenn names its modules <k>_<layer> for interaction block k
@@ -167,7 +172,9 @@ class SevenNetReadout:
             table[z] = idx
         self.type_table = table
         self.n_species = len(type_map)
-        self.n_features = int(modules[SEVENNET_HEAD[0]].linear.irreps_in.dim)
+        head = modules[SEVENNET_HEAD[0]]
+        # a multi-fidelity head also reads the modality's one-hot, appended by the head itself
+        self.n_features = int(getattr(head, "_irreps_in_wo_modal", head.linear.irreps_in).dim)
 
     def species_index(self, numbers: torch.Tensor) -> torch.Tensor:
         return self.type_table.to(numbers.device)[numbers]
@@ -181,6 +188,9 @@ class SevenNetReadout:
         edge_index, vectors = pot.edges(graph)
         data = {KEY.NODE_FEATURE: graph.numbers, KEY.ATOMIC_NUMBERS: graph.numbers, KEY.EDGE_IDX: edge_index,
                 KEY.EDGE_VEC: vectors, KEY.BATCH: graph.batch, KEY.NUM_ATOMS: graph.n_atoms}
+        modal = pot.modal_types(graph.n_structures, graph.numbers.device)
+        if modal is not None:
+            data[KEY.MODAL_TYPE] = modal
         data = pot.model._preprocess(data)
         for name, module in pot.model._modules.items():
             if name == SEVENNET_HEAD[0]:
@@ -203,6 +213,11 @@ class SevenNetReadout:
         basis = torch.cat([torch.zeros(1, F, dtype=dtype), torch.eye(F, dtype=dtype)])  # (F+1, F)
         data = {KEY.NODE_FEATURE: basis.repeat(S, 1),
                 KEY.ATOM_TYPE: torch.arange(S).repeat_interleave(F + 1)}
+        modal = self.potential.modal_types(1, basis.device)
+        if modal is not None:  # the head of this model's modality: every probe row is structure 0
+            onehot = torch.nn.functional.one_hot(modal, len(self.potential.model.modal_map)).to(dtype)
+            data.update({KEY.MODAL_TYPE: modal, KEY.MODAL_ATTR: onehot,
+                         KEY.BATCH: torch.zeros(S * (F + 1), dtype=torch.int64)})
         for name in SEVENNET_HEAD:
             data = modules[name](data)
         out = data[KEY.ATOMIC_ENERGY].reshape(S, F + 1)
