@@ -1,7 +1,8 @@
 """almd.Calculator vs sevenn's own SevenNetCalculator, MD-like repeated calls.
 
-Baseline: ``sevenn.calculator.SevenNetCalculator('7net-0')`` on the same
-structures in the same run. Each call follows a small random displacement
+Baselines: ``sevenn.calculator.SevenNetCalculator('7net-0')`` on the same
+structures in the same run, and almd's own calculator on the same model without
+the streamlined e3nn graphs (:mod:`almd.potentials.e3nn_graphs`). Each call follows a small random displacement
 (0.005 Å per component), as between MD steps; every call asks for what an MD
 step with a barostat (or a user's script) asks: ``get_forces()`` then
 ``get_stress()``. Prints time per call for each size, the ratio baseline / almd
@@ -45,21 +46,27 @@ def main() -> None:
     from sevenn.calculator import SevenNetCalculator
 
     import almd
+    from almd.potentials.sevennet import SevenNet
 
     ours, theirs = almd.Calculator("sevennet-0"), SevenNetCalculator("7net-0")
+    # the same model with e3nn's graphs as generated (almd.potentials.e3nn_graphs not applied)
+    plain = almd.Calculator(SevenNet.from_checkpoint("sevennet-0", streamlined=False))
     print(f"threads={args.threads} calls={args.calls} dtype=float32, get_forces() + get_stress() per call")
-    print("| atoms | almd s/call | sevenn s/call | ratio sevenn/almd | almd ms/atom |")
-    print("|---|---|---|---|---|")
+    print("| atoms | almd s/call | sevenn s/call | ratio sevenn/almd | almd unstreamlined s/call | ratio "
+          "unstreamlined/almd | almd ms/atom |")
+    print("|---|---|---|---|---|---|---|")
     for reps in args.sizes:
         atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(reps)
         atoms.rattle(0.02, seed=1)
         # interleaved, best of two each, to share any drift in machine load fairly
-        t_ours, t_theirs = [], []
+        t_ours, t_theirs, t_plain = [], [], []
         for seed in (0, 1):
             t_ours.append(time_calls(ours, atoms, args.calls, seed))
             t_theirs.append(time_calls(theirs, atoms, args.calls, seed))
-        a, b = min(t_ours), min(t_theirs)
-        print(f"| {len(atoms)} | {a:.4f} | {b:.4f} | {b / a:.2f} | {1e3 * a / len(atoms):.3f} |", flush=True)
+            t_plain.append(time_calls(plain, atoms, args.calls, seed))
+        a, b, c = min(t_ours), min(t_theirs), min(t_plain)
+        print(f"| {len(atoms)} | {a:.4f} | {b:.4f} | {b / a:.2f} | {c:.4f} | {c / a:.2f} | {1e3 * a / len(atoms):.3f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

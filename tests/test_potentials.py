@@ -242,12 +242,13 @@ def test_streamlined_e3nn_graphs_give_the_same_values_and_derivatives():
             torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
 
-def test_sevennet_is_streamlined_and_unchanged(monkeypatch, sic8):
-    import almd.potentials.sevennet as sevennet
+def test_sevennet_is_streamlined_and_unchanged(sic8):
+    from almd.potentials.sevennet import SevenNet
 
     fast = potentials.load("sevennet-0").double().eval()
-    monkeypatch.setattr(sevennet, "streamline", lambda model: 0)
-    plain = potentials.load("sevennet-0").double().eval()
+    plain = SevenNet.from_checkpoint("sevennet-0", streamlined=False).double().eval()
+    graphs = [m.code for m in fast.modules() if isinstance(m, torch.fx.GraphModule)]
+    assert sum("split" in code for code in graphs) >= 10  # every convolution and linear layer of the 5 blocks
     e_fast, f_fast, s_fast = efs(fast, sic8)
     e_plain, f_plain, s_plain = efs(plain, sic8)
     assert e_fast == pytest.approx(e_plain, abs=1e-10)

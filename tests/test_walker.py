@@ -92,11 +92,13 @@ def test_bad_settings_name_the_key_and_the_choices():
 @pytest.mark.parametrize("dynamics", ["langevin", "nose-hoover", "npt", "nve"])
 def test_every_integrator_restarts_bit_for_bit(dynamics):
     """2n steps straight equal n steps, a JSON round trip of the state (a kill and a resume), n more;
-    the thermostatted ones on a temperature ramp, so the schedule's position is part of what must resume.
+    the thermostatted ones on a temperature ramp (NPT also on a pressure ramp), so the schedules'
+    position is part of what must resume.
     """
     ramp = [] if dynamics == "nve" else [[30, 600, 1100]]
+    pressures = [[10, 1.0], [20, 1.0, 4.0]] if dynamics == "npt" else []  # GPa: held, then ramped
     settings = WalkerSettings(dynamics=dynamics, temperature=600, seed=5, tdamp=50, pdamp=200, pressure=1.0,
-                              schedule=ramp)
+                              schedule=ramp, pressure_schedule=pressures)
     straight = Walker(si64(), stillinger_weber_si(), settings)
     list(straight.run(40))
     first = Walker(si64(), stillinger_weber_si(), settings)
@@ -147,3 +149,16 @@ def test_nose_hoover_holds_its_temperature_and_npt_its_pressure():
             pressures.append(-stress[:3].mean() / units.GPa)
     assert abs(np.mean(pressures) - 2.0) < 0.5
     assert npt.atoms.get_volume() < si64().get_volume()  # compressed by 2 GPa
+
+
+def test_a_pressure_ramp_compresses_the_cell():
+    """MTK NPT of SW Si at 300 K, 0 GPa held, then ramped to 8 GPa: the volume shrinks with the pressure."""
+    settings = WalkerSettings(dynamics="npt", temperature=300, seed=1, tdamp=50, pdamp=250,
+                              pressure_schedule=[[300, 0.0], [300, 0.0, 8.0], [400, 8.0]])
+    assert settings.pressure_at(450) == 4.0 and settings.pressure_at(5000) == 8.0 and settings.schedule_steps == 1000
+    w = Walker(si64(), stillinger_weber_si(), settings)
+    volumes = [w.atoms.get_volume() for _ in w.run(1000)]
+    at_zero, at_eight = np.mean(volumes[100:300]), np.mean(volumes[700:])
+    assert at_eight < 0.97 * at_zero  # SW Si's bulk modulus ~100 GPa: about -7 % at 8 GPa
+    with pytest.raises(WalkerError, match="pressure_schedule with dynamics = 'langevin'"):
+        WalkerSettings(pressure_schedule=[[10, 1.0]])

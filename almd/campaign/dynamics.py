@@ -29,7 +29,8 @@ from ase import Atoms, units
 from ase.md.md import MolecularDynamics
 from ase.parallel import DummyMPI
 
-__all__ = ["DYNAMICS", "THERMOSTATTED", "build_integrator", "integrator_state", "restore_integrator", "retarget"]
+__all__ = ["DYNAMICS", "THERMOSTATTED", "build_integrator", "integrator_state", "restore_integrator", "retarget",
+           "set_pressure"]
 
 DYNAMICS = ("langevin", "nose-hoover", "npt", "nve")
 THERMOSTATTED = ("langevin", "nose-hoover", "npt")
@@ -106,6 +107,11 @@ def retarget(dynamics: MolecularDynamics, settings: Any, temperature_K: float,
     fresh.nsteps = dynamics.nsteps
     restore_integrator(fresh, state)
     return fresh
+
+
+def set_pressure(dynamics: MolecularDynamics, pressure_GPa: float) -> None:
+    """The MTK barostat's external pressure (no mass depends on it: set in place)."""
+    dynamics._pressure_au = pressure_GPa * units.GPa
 
 
 def _kind(dynamics: MolecularDynamics) -> str:

@@ -21,6 +21,7 @@ record says so, and :meth:`Walker.rollback` returns to the last trusted state
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
@@ -36,7 +37,15 @@ try:  # ASE >= 3.27 renamed MaxwellBoltzmannDistribution
 except ImportError:  # pragma: no cover
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
-from almd.campaign.dynamics import DYNAMICS, THERMOSTATTED, build_integrator, integrator_state, restore_integrator, retarget
+from almd.campaign.dynamics import (
+    DYNAMICS,
+    THERMOSTATTED,
+    build_integrator,
+    integrator_state,
+    restore_integrator,
+    retarget,
+    set_pressure,
+)
 from almd.io import atomic_write
 
 __all__ = ["DYNAMICS", "Frame", "StepRecord", "Walker", "WalkerError", "WalkerSettings", "WalkerState"]
@@ -61,8 +70,10 @@ class WalkerSettings:
     max_force: float = 50.0  #: a larger force (or a non-finite one) is a blow-up
     keep: int = 1000  #: recent frames kept for frame selection (the trigger's window)
     #: temperature stages after which the last temperature is held, each [steps, T] (constant) or
-    #: [steps, T_start, T_end] (linear ramp), K; empty: ``temperature`` throughout (Langevin only)
+    #: [steps, T_start, T_end] (linear ramp), K; empty: ``temperature`` throughout (thermostatted dynamics)
     schedule: list[list[float]] = field(default_factory=list)
+    #: pressure stages, as ``schedule`` but in GPa (npt); empty: ``pressure`` throughout
+    pressure_schedule: list[list[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.dynamics not in DYNAMICS:
@@ -76,35 +87,27 @@ class WalkerSettings:
             raise WalkerError(f"friction = {self.friction!r} must be > 0 (1/fs) for Langevin dynamics")
         if self.keep < 1:
             raise WalkerError(f"keep = {self.keep!r} must be >= 1")
-        self._check_schedule()
-
-    def _check_schedule(self) -> None:
-        allowed = "a list of stages [steps, T] or [steps, T_start, T_end], steps >= 1, T >= 0 K"
-        if not isinstance(self.schedule, (list, tuple)):
-            raise WalkerError(f"schedule = {self.schedule!r}: must be {allowed}")
-        for stage in self.schedule:
-            ok = isinstance(stage, (list, tuple)) and len(stage) in (2, 3) and \
-                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stage)
-            if not ok or stage[0] < 1 or int(stage[0]) != stage[0] or min(stage[1:]) < 0:
-                raise WalkerError(f"schedule stage {stage!r}: must be {allowed}")
+        _check_stages("schedule", self.schedule, "T", "K", lowest=0.0)
+        _check_stages("pressure_schedule", self.pressure_schedule, "P", "GPa", lowest=-math.inf)
         if self.schedule and self.dynamics not in THERMOSTATTED:
             raise WalkerError(f"schedule with dynamics = {self.dynamics!r}: a temperature schedule needs a thermostat "
                               f"(dynamics = one of {', '.join(THERMOSTATTED)})")
+        if self.pressure_schedule and self.dynamics != "npt":
+            raise WalkerError(f"pressure_schedule with dynamics = {self.dynamics!r}: a pressure schedule needs "
+                              "a barostat (dynamics = 'npt')")
 
     def temperature_at(self, step: int) -> float:
         """Thermostat temperature (K) of MD step ``step`` (1 is the first step; 0 the start)."""
-        done = 0
-        for stage in self.schedule:
-            n, start, end = int(stage[0]), float(stage[1]), float(stage[-1])
-            if step <= done + n:
-                return start + (end - start) * max(step - done, 0) / n
-            done += n
-        return float(self.schedule[-1][-1]) if self.schedule else self.temperature
+        return _stage_value(self.schedule, step, self.temperature)
+
+    def pressure_at(self, step: int) -> float:
+        """Barostat pressure (GPa) of MD step ``step``."""
+        return _stage_value(self.pressure_schedule, step, self.pressure)
 
     @property
     def schedule_steps(self) -> int:
-        """MD steps until the last temperature is reached (0 without a schedule)."""
-        return int(sum(stage[0] for stage in self.schedule))
+        """MD steps until the last temperature and pressure are reached (0 without schedules)."""
+        return int(max(sum(stage[0] for stage in stages) for stages in (self.schedule, self.pressure_schedule)))
 
     @property
     def top_temperature(self) -> float:
@@ -256,6 +259,8 @@ class Walker:
         if self.settings.schedule:  # the schedule's position is the step: a resumed ramp neither repeats nor skips
             self.dynamics = retarget(self.dynamics, self.settings, self.settings.temperature_at(self.step + 1),
                                      self.rng)
+        if self.settings.pressure_schedule:
+            set_pressure(self.dynamics, self.settings.pressure_at(self.step + 1))
         with np.errstate(all="ignore"):
             self.dynamics.step()
         self.step += 1
@@ -281,6 +286,29 @@ class Walker:
             yield record
             if on_step is not None and on_step(record) is False:
                 return
+
+
+def _check_stages(name: str, stages: Any, symbol: str, unit: str, lowest: float) -> None:
+    low = "" if lowest == -math.inf else f", {symbol} >= {lowest:g} {unit}"
+    allowed = f"a list of stages [steps, {symbol}] or [steps, {symbol}_start, {symbol}_end], steps >= 1{low}"
+    if not isinstance(stages, (list, tuple)):
+        raise WalkerError(f"{name} = {stages!r}: must be {allowed}")
+    for stage in stages:
+        ok = isinstance(stage, (list, tuple)) and len(stage) in (2, 3) and \
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stage)
+        if not ok or stage[0] < 1 or int(stage[0]) != stage[0] or min(stage[1:]) < lowest:
+            raise WalkerError(f"{name} stage {stage!r}: must be {allowed}")
+
+
+def _stage_value(stages: list[list[float]], step: int, default: float) -> float:
+    """The value at MD step ``step`` of stages [steps, v] / [steps, v_start, v_end]; the last one held."""
+    done = 0
+    for stage in stages:
+        n, start, end = int(stage[0]), float(stage[1]), float(stage[-1])
+        if step <= done + n:
+            return start + (end - start) * max(step - done, 0) / n
+        done += n
+    return float(stages[-1][-1]) if stages else default
 
 
 def _jsonable(obj: Any) -> Any:

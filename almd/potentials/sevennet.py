@@ -51,7 +51,7 @@ def _keys():
 class SevenNet(Potential):
     backbone_name = "sevennet"
 
-    def __init__(self, config: dict, state_dict: dict | None = None):
+    def __init__(self, config: dict, state_dict: dict | None = None, streamlined: bool = True):
         super().__init__()
         from sevenn.model_build import build_E3_equivariant_model
 
@@ -74,20 +74,21 @@ class SevenNet(Potential):
             model.eval_modal_map = False  # almd gives the modality index itself (sevenn's reads .x off a data object)
             self.modal_index = int(model.modal_map[self.modality])
         model.set_is_batch_data(True)
-        streamline(model)
+        if streamlined:  # e3nn's graphs without per-block slice gradients (almd.potentials.e3nn_graphs)
+            streamline(model)
         self.model = model
         self.config = config
         self.cutoff = float(config["cutoff"])
         self.species = tuple(int(z) for z in model.type_map)
 
     @classmethod
-    def from_checkpoint(cls, name_or_path: str | os.PathLike) -> "SevenNet":
-        """A pretrained name (``sevennet-0``) or a sevenn checkpoint file."""
+    def from_checkpoint(cls, name_or_path: str | os.PathLike, streamlined: bool = True) -> "SevenNet":
+        """A pretrained name (``sevennet-0``) or a sevenn checkpoint file (``streamlined``: see ``__init__``)."""
         from sevenn import util
 
         cp = util.load_checkpoint(str(name_or_path))
         base = cp.build_model()  # applies sevenn's state-dict compatibility patches
-        return cls(cp.config, base.state_dict())
+        return cls(cp.config, base.state_dict(), streamlined)
 
     def atomic_energies(self, graph: Graph, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> torch.Tensor:
         KEY = _keys()
