@@ -121,7 +121,10 @@ def small_si_toml(path, out, steps: int, checkpoint_every: int = 6, walkers: int
             return "[" + ", ".join(value(x) for x in v) + "]"
         return repr(v)
 
+    def table(header: str, values: dict) -> str:
+        return f"{header}\n" + "".join(f"{k} = {value(v)}\n" for k, v in values.items())
+
     tables = small_si_sections(out, steps, checkpoint_every, walkers, **sections)
-    path.write_text("".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items())
-                            for name, table in tables.items()))
+    path.write_text("".join("".join(table(f"[[{name}]]", t) for t in values) if isinstance(values, list)
+                            else table(f"[{name}]", values) for name, values in tables.items()))
     return path

@@ -170,11 +170,14 @@ def test_a_torn_last_frame_of_the_trajectory_is_dropped_on_resume(tmp_path):
     assert frames[1].get_forces().shape == (8, 3)
 
 
-def test_a_moved_run_directory_resumes_from_itself(uninterrupted, tmp_path):
-    """`almd run --resume RUN_DIR` takes its settings from the folder, wherever it now is."""
+@pytest.mark.parametrize("walker_tables", [False, True])
+def test_a_moved_run_directory_resumes_from_itself(uninterrupted, tmp_path, walker_tables):
+    """`almd run --resume RUN_DIR` takes its settings from the folder, wherever it now is
+    (a [[walker]] table, an array of tables, included: the same settings as [md] alone).
+    """
     import shutil
 
-    toml = campaign_file(tmp_path)
+    toml = campaign_file(tmp_path, walker=[{"temperature": 1200.0}]) if walker_tables else campaign_file(tmp_path)
     first = subprocess.run([sys.executable, "-m", "almd.cli", "run", str(toml), "--steps", "6"],
                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert first.returncode == 0, first.stderr

@@ -69,7 +69,10 @@ def _stored_config(run_dir: Path) -> CampaignConfig:
         raise ConfigError(f"--resume {run_dir}: no campaign.json there; give the folder a campaign wrote (its run.output)")
     stored = read_checkpoint(run_dir)["config"]
     # None marks a default that TOML cannot spell: leave it to the default again
-    return CampaignConfig.from_dict({name: {k: v for k, v in section.items() if v is not None}
+    def given(table: dict) -> dict:
+        return {k: v for k, v in table.items() if v is not None}
+
+    return CampaignConfig.from_dict({name: [given(t) for t in section] if isinstance(section, list) else given(section)
                                      for name, section in stored.items()})
 
 
