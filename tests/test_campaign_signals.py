@@ -181,6 +181,7 @@ def test_a_moved_run_directory_resumes_from_itself(uninterrupted, tmp_path, walk
     first = subprocess.run([sys.executable, "-m", "almd.cli", "run", str(toml), "--steps", "6"],
                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert first.returncode == 0, first.stderr
+    assert (tmp_path / "run" / "campaign.toml").read_text() == toml.read_text()  # the user's file, kept
     moved = tmp_path / "elsewhere" / "run"
     shutil.move(tmp_path / "run", moved)
     toml.unlink()  # the folder alone must do

@@ -162,3 +162,12 @@ def test_a_pressure_ramp_compresses_the_cell():
     assert at_eight < 0.97 * at_zero  # SW Si's bulk modulus ~100 GPa: about -7 % at 8 GPa
     with pytest.raises(WalkerError, match="pressure_schedule with dynamics = 'langevin'"):
         WalkerSettings(pressure_schedule=[[10, 1.0]])
+
+
+def test_a_nose_hoover_chain_at_zero_kelvin_is_refused():
+    """The chain's masses are ∝ k_B T: at 0 K they vanish and every step would be NaN."""
+    for settings in ({"dynamics": "nose-hoover", "temperature": 0.0},
+                     {"dynamics": "npt", "temperature": 300.0, "schedule": [[100, 300, 0]]}):
+        with pytest.raises(WalkerError, match="needs T > 0 K"):
+            WalkerSettings(**settings)
+    WalkerSettings(dynamics="langevin", temperature=0.0)  # a Langevin quench to 0 K is fine

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,7 +46,10 @@ def main(argv: list[str]) -> int:
         if overrides:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **overrides))
             cfg.validate()
-        result = Campaign(cfg, comm).run()
+        campaign = Campaign(cfg, comm)  # settings checked and the run directory locked: now it may be written to
+        if args.campaign and comm.rank == 0 and not (campaign.output / "campaign.toml").exists():
+            shutil.copyfile(args.campaign, campaign.output / "campaign.toml")  # the file as the user wrote it
+        result = campaign.run()
     except (ConfigError, UnknownElementError, FileNotFoundError) as exc:
         print(f"almd run: error: {exc}", flush=True)
         abort(comm, f"almd run: error: {exc}", status=2)  # the other ranks may wait for this one

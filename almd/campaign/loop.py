@@ -190,7 +190,7 @@ class Campaign:
         state = read_checkpoint(self.output)
         if not state:
             return {}
-        if resumable(state.get("config", {})) != resumable(self.config.to_dict()):
+        if resumable(_with_defaults(state.get("config", {}))) != resumable(self.config.to_dict()):
             from almd.settings import ConfigError
 
             raise ConfigError(f"{self.output} holds a campaign with other settings; "
@@ -211,8 +211,11 @@ class Campaign:
             ens = Ensemble.load(path)
         else:
             ens = self._unfitted_ensemble()
-            try:  # an element the model does not know: say so before any reference calculation
-                ens.check_species(self.start.numbers)
+            try:  # an element the model does not know, a barostat without a periodic cell: before any call
+                for k in range(self.config.run.walkers):
+                    start = starting_structure(self.config, k) if self.config.walker else self.start
+                    ens.check_species(start.numbers)
+                    self._check_barostat(k, start)
             except ValueError:
                 self.helpers.release(None)
                 raise
@@ -236,6 +239,13 @@ class Campaign:
                 self.phonons = bootstrap_phonons(self)
         self.helpers.release(ens.head_state())
         return ens
+
+    def _check_barostat(self, k: int, start: Atoms) -> None:
+        from almd.settings import ConfigError
+
+        if self.config.walker_settings(k).dynamics == "npt" and not (start.pbc.all() and not start.constraints):
+            raise ConfigError(f"walker {k}: dynamics = 'npt' needs a cell periodic in all three directions and "
+                              f"no constraints; the start structure has pbc = {start.pbc.tolist()}")
 
     def _unfitted_ensemble(self):
         """The campaign's ensemble on its current backbone, heads not yet fitted or loaded."""
@@ -326,7 +336,8 @@ class Campaign:
             labelled = self.labeller.stored(results[start:start + len(req.frames)])
             start += len(req.frames)
             errors = [self._frame_error(atoms) for atoms in labelled]  # on frames the model has not learnt from
-            self.learning_curve += [{"labels": len(self.database), "walker": req.walker, "step": req.step,
+            self.learning_curve += [{"labels": int(atoms.info.get("row_id", len(self.database))),  # kept on resume
+                                     "walker": req.walker, "step": req.step,
                                      "error": e, "score": atoms.info.get("uncertainty"), "reason": req.reason}
                                     for e, atoms in zip(errors, labelled)]
             if req.audit and labelled:
@@ -404,6 +415,7 @@ class Campaign:
         if decision.stop:
             offending = walker.frames[-1]
             walker.rollback()
+            trim(self.trajectories[k].path, walker.step)  # the steps after the trusted state are re-run
             _restart_uncertainty(walker)
             request = self._request(k, decision, offending)
         elif decision.call:
@@ -477,9 +489,10 @@ class Campaign:
                 walkers, triggers)
         for w in self.walkers.values():
             _restart_uncertainty(w)
-            # a resumed walker starts with no recent frames: a call after a checkpoint ranks only the
-            # frames since it, in an interrupted and an uninterrupted run alike
+            # a resumed walker starts with no recent frames and trusts its checkpoint: a call or a brake
+            # after a checkpoint looks back no further than it, in an interrupted and an uninterrupted run alike
             w.frames.clear()
+            w.trust()
 
     def run(self) -> CampaignResult | None:
         """Run every walker to ``run.steps`` (or until its trigger reports convergence).
@@ -554,6 +567,14 @@ class Campaign:
         from almd.campaign.outcome import force_rmse
 
         return force_rmse(self.ensemble.predict, frames or self.database.validation_set())
+
+
+def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with the settings added since it was written at their defaults (older run folders)."""
+    fresh = CampaignConfig().to_dict()
+    full = {name: ({**fresh[name], **section} if isinstance(section, dict) and isinstance(fresh.get(name), dict)
+                   else section) for name, section in stored.items()}
+    return {**{name: value for name, value in fresh.items() if name not in full}, **full}
 
 
 def _restart_uncertainty(walker: Walker) -> None:

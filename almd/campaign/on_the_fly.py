@@ -275,6 +275,11 @@ class OnTheFlyCalculator(AseCalculator):
     def calculate(self, atoms: Atoms | None = None, properties: Any = ("energy",),
                   system_changes: Any = all_changes) -> None:
         """One step: the model's results, or the reference's when the trigger calls (see module docstring)."""
+        if not system_changes and self.results:  # the same geometry asked for a property this step lacks
+            from ase.calculators.calculator import PropertyNotImplementedError
+
+            missing = ", ".join(p for p in properties if p not in self.results)
+            raise PropertyNotImplementedError(f"{missing} not given at this step (from the {self.results.get('source')})")
         super().calculate(atoms, properties, system_changes)
         frame = bare(self.atoms, magmoms=True)  # what the reference sees
         step = self.steps

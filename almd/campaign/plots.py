@@ -68,23 +68,18 @@ def plot_md(run_dir: str | Path) -> Path:
     plt = _pyplot()
     run_dir = Path(run_dir)
     rows = [r for r in _rows(run_dir) if r["action"] != "brake"]
-    n_atoms = _atoms_per_walker(run_dir)
+    n_atoms = {int(k): max(1, len(w["numbers"])) for k, w in read_checkpoint(run_dir).get("walkers", {}).items()}
     fig, (ax_t, ax_e) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
     for k in sorted({int(r["walker"]) for r in rows}):
         mine = [r for r in rows if int(r["walker"]) == k]
         step = [int(r["step"]) for r in mine]
         ax_t.plot(step, [_float(r["temperature"]) for r in mine], lw=0.7, color=f"C{k % 10}", label=f"walker {k}")
-        ax_e.plot(step, [_float(r["energy"]) / n_atoms for r in mine], lw=0.7, color=f"C{k % 10}")
+        ax_e.plot(step, [_float(r["energy"]) / n_atoms.get(k, 1) for r in mine], lw=0.7, color=f"C{k % 10}")
     ax_t.set_ylabel("T (K)")
     ax_e.set_ylabel("potential energy (eV/atom)")
     ax_e.set_xlabel("MD step")
     ax_t.legend(fontsize=8)
     return _save(fig, run_dir / "md.png")
-
-
-def _atoms_per_walker(run_dir: Path) -> int:
-    walkers = read_checkpoint(run_dir).get("walkers", {})
-    return max(1, len(next(iter(walkers.values()))["numbers"])) if walkers else 1
 
 
 def plot_learning(run_dir: str | Path) -> Path | None:

@@ -50,6 +50,8 @@ def load_production_model(model: str, uncertainty_every: int = 1) -> ProductionM
         if not unit_path.is_file():
             raise ConfigError(f"MODEL {model}: a directory without campaign.json; give a campaign's run directory")
         unit = json.loads(unit_path.read_text())
+        if "ensemble" not in unit:
+            raise ConfigError(f"MODEL {model}: its campaign.json names no ensemble yet (no checkpoint written)")
         target = unit.get("config", {}).get("trigger", {}).get("target")
         return _ensemble_model(path / unit["ensemble"], target, uncertainty_every)
     if path.is_file():
@@ -165,4 +167,9 @@ def _checked(args: argparse.Namespace) -> tuple[WalkerSettings, Atoms]:
         atoms = read(args.structure)
     except Exception as exc:  # ASE raises many kinds for an unreadable file
         raise ConfigError(f"STRUCTURE {args.structure}: ASE cannot read it ({type(exc).__name__}: {exc})") from exc
+    if settings.dynamics == "npt" and not (atoms.pbc.all() and not atoms.constraints):
+        raise ConfigError(f"--dynamics npt: STRUCTURE {args.structure} must be periodic in all three directions "
+                          f"with no constraints (pbc = {atoms.pbc.tolist()})")
+    if args.trajectory and not Path(args.trajectory).resolve().parent.is_dir():
+        raise ConfigError(f"--trajectory {args.trajectory}: its folder does not exist")
     return settings, atoms

@@ -92,6 +92,11 @@ class WalkerSettings:
         if self.schedule and self.dynamics not in THERMOSTATTED:
             raise WalkerError(f"schedule with dynamics = {self.dynamics!r}: a temperature schedule needs a thermostat "
                               f"(dynamics = one of {', '.join(THERMOSTATTED)})")
+        if self.dynamics in ("nose-hoover", "npt"):  # a chain's masses are ∝ k_B T: none at 0 K
+            lowest = min([self.temperature, *(v for stage in self.schedule for v in stage[1:])])
+            if not lowest > 0:
+                raise WalkerError(f"temperature {lowest!r} K with dynamics = {self.dynamics!r}: a Nosé–Hoover chain "
+                                  "needs T > 0 K (use langevin to reach 0 K)")
         if self.pressure_schedule and self.dynamics != "npt":
             raise WalkerError(f"pressure_schedule with dynamics = {self.dynamics!r}: a pressure schedule needs "
                               "a barostat (dynamics = 'npt')")

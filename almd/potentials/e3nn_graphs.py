@@ -89,8 +89,9 @@ def _merge_block_slices(graph: fx.Graph) -> None:
         if len(blocks) < 2 or width is None:
             continue
         ranges = sorted({(start, stop) for _, start, stop in blocks})
-        if any(b[0] < a[1] for a, b in zip(ranges, ranges[1:])) or ranges[-1][1] > width or ranges[0][0] < 0:
-            continue  # overlapping or out of range: leave e3nn's slices as they are
+        if (any(b[0] < a[1] for a, b in zip(ranges, ranges[1:])) or ranges[-1][1] > width or ranges[0][0] < 0
+                or any(start >= stop for start, stop in ranges)):
+            continue  # overlapping, empty or out of range: leave e3nn's slices as they are
         bounds = sorted({0, width, *(x for r in ranges for x in r)})
         sizes = [b - a for a, b in zip(bounds, bounds[1:])]
         with graph.inserting_after(source):
