@@ -70,8 +70,8 @@ def record_outcome(campaign: Campaign, rmse: float, test: list[Atoms], converged
     cfg = campaign.config
     held = test or campaign.database.validation_set()
     base = Calculator(cfg.model.backbone, dtype=cfg.model.dtype)
-    base_rmse = force_rmse(lambda a: {"forces": base.get_forces(a)}, held)
-    save_parity(campaign.output / PARITY_FILE, held, campaign.ensemble.predict, base)
+    forces = save_parity(campaign.output / PARITY_FILE, held, campaign.ensemble.predict, base)
+    base_rmse = float(np.sqrt(np.mean((forces["base"] - forces["reference"]) ** 2))) if forces else float("nan")
     phonons = dict(campaign.phonons)
     if phonons.get("file"):
         from almd.campaign.phonon_labels import phonon_errors
@@ -87,16 +87,20 @@ def record_outcome(campaign: Campaign, rmse: float, test: list[Atoms], converged
     plot_run(campaign.output)
 
 
-def save_parity(path: Path, frames: list[Atoms], predict: Callable[[Atoms], dict], base: Any) -> None:
-    """Reference, final-model and base-model forces (eV/Å) on the held-out frames, for the parity plot."""
+def save_parity(path: Path, frames: list[Atoms], predict: Callable[[Atoms], dict],
+                base: Any) -> dict[str, np.ndarray] | None:
+    """Reference, final-model and base-model forces (eV/Å) on the held-out frames, kept for the
+    parity plot and returned (None without frames).
+    """
     if not frames:
-        return
-    reference = np.concatenate([np.asarray(a.get_forces()) for a in frames])
-    final = np.concatenate([predict(bare(a))["forces"] for a in frames])
-    base_forces = np.concatenate([base.get_forces(bare(a)) for a in frames])
+        return None
+    forces = {"reference": np.concatenate([np.asarray(a.get_forces()) for a in frames]),
+              "final": np.concatenate([predict(bare(a))["forces"] for a in frames]),
+              "base": np.concatenate([base.get_forces(bare(a)) for a in frames])}
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, reference=reference, final=final, base=base_forces)
+    np.savez(tmp, **forces)
     tmp.replace(path)
+    return forces
 
 def _finite(value: float) -> float | None:
     return value if np.isfinite(value) else None  # JSON has no nan
