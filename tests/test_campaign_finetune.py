@@ -140,6 +140,10 @@ def test_bad_finetune_settings_name_the_key(tmp_path):
         CampaignConfig.from_dict({"finetune": {"strategy": "freeze"}})
     with pytest.raises(ConfigError, match="finetune.config"):
         CampaignConfig.from_dict({"finetune": {"config": str(tmp_path / "missing.toml")}})
+    with pytest.raises(ConfigError, match="finetune.replay = 'others'.*'self'"):
+        CampaignConfig.from_dict({"finetune": {"replay": "others"}})
+    with pytest.raises(ConfigError, match="finetune.recent_labels = -2 .*>= 0"):
+        CampaignConfig.from_dict({"finetune": {"recent_labels": -2}})
     (tmp_path / "ft.toml").write_text("[optim]\nlearning_rate = 0.1\n")
     with pytest.raises(ConfigError, match="finetune.config.*unknown key 'optim.learning_rate'"):
         CampaignConfig.from_dict({"finetune": {"config": str(tmp_path / "ft.toml")}})
@@ -155,3 +159,39 @@ def test_a_finetune_file_gives_the_settings_and_the_campaign_the_rest(tmp_path):
     assert (ft.model.name, ft.model.strategy, ft.model.lora_rank) == ("models/backbone-v5.pt", "lora", 2)
     assert (ft.loss.forces, ft.optim.lr, ft.run.steps, ft.run.efs_batch, ft.run.seed) == (7.0, 2e-3, 3, 3, 9)
     assert ft.data.efs == [] and ft.run.output == str(tmp_path / "work")
+
+
+def test_a_round_fits_the_heads_on_the_newest_labels_and_keeps_every_label_learnt(tmp_path):
+    """recent_labels bounds the rebuild; the backbone still trains on every label, and the next
+    round still sees them all (trained_keys), resumed from the ensemble file as well.
+    """
+    from ase.build import bulk
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from almd.campaign.finetune_round import finetune_round, learnt_labels
+    from almd.labels.database import LabelDatabase
+    from almd.references import build_calculator
+    from almd.uncertainty import Ensemble
+
+    frames = []
+    for seed in range(8):
+        a = bulk("Si", "diamond", a=5.431, cubic=True)
+        a.rattle(0.05, seed=seed)
+        a.calc = build_calculator("stillinger-weber-si")
+        a.calc = SinglePointCalculator(a, energy=a.get_potential_energy(), forces=a.get_forces())
+        frames.append(a)
+    db = LabelDatabase(tmp_path / "labels.db")
+    db.add_frames(frames[:5], split="train")
+    db.add_frames(frames[5:], split="validation")
+    ens = Ensemble("sevennet-0", k=2, rank=4, score="rms")
+    ens.fit(db.training_set())
+    ens.calibrate(db.validation_set())
+    cfg = CampaignConfig.from_dict({"finetune": {"steps": 1, "recent_labels": 2}, "learning": {"phonons": False}})
+    path, new, record = finetune_round(cfg, db, ens, "sevennet-0", 1, tmp_path)
+    assert (record["train"], record["heads_on"], record["held_out"], record["stopped"]) == (5, 2, 2, "steps")
+    newest = [a.info["content_hash"] for a in db.training_set()][-2:]
+    assert [d.key for d in new.designs] == newest and new.trained_keys == ens.trained_keys
+    assert new.calibrated_keys == ens.calibrated_keys  # the oldest held-out label is still known
+    again = Ensemble.load(new.save(tmp_path / "ensemble.pt"))
+    train, held = learnt_labels(db, again, recent=2)
+    assert len(train) == 5 and [a.info["row_id"] for a in held] == [7, 8]

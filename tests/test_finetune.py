@@ -112,6 +112,20 @@ def test_pft_steps_reduce_hessian_error_and_export(base, si2_target, tmp_path):
     assert np.isfinite(atoms.get_potential_energy())
 
 
+def test_a_wall_time_budget_stops_the_fit_after_the_step_that_crosses_it(base, si2_target, tmp_path):
+    """Budget 1 ns: the first step crosses it, is validated (off the eval_every grid) and kept if better."""
+    trainer = Finetuner(config(tmp_path, run={"steps": 4, "eval_every": 4, "budget": 1e-9}, optim={"lr": 1e-3}),
+                        potential=copy.deepcopy(base), phonon=[si2_target])
+    result = trainer.fit(save_model=False)
+    assert (result.steps_done, result.stop_reason, result.stopped_early) == (1, "budget", True)
+    assert "val_loss" in result.history[0] and result.best_step == 1  # one step on the 1.1× label helps
+    unbounded = Finetuner(config(tmp_path / "b", run={"steps": 2}), potential=copy.deepcopy(base),
+                          phonon=[si2_target]).fit(save_model=False)
+    assert (unbounded.steps_done, unbounded.stop_reason) == (2, "steps")
+    with pytest.raises(ConfigError, match=r"run.budget = -1.0 .*>= 0"):
+        config(tmp_path, run={"budget": -1.0})
+
+
 def test_efs_only_finetune_still_reports_the_hessian_column_error(base, si2_target, tmp_path):
     """λ_Φ = 0 (the EFS-only side of the PFT comparison): no Hessian term in training or in the
     validation loss, but the validation column error is still measured.

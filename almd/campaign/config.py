@@ -101,10 +101,18 @@ class FinetuneSettings:
     """The campaign's backbone fine-tune (almd.finetune) on its own labels; see almd.campaign.finetune_round."""
 
     every: int = 10  #: fine-tune after every N new training labels (0: never; the heads are still refitted)
-    steps: int = 5  #: fine-tune steps per round
+    steps: int = 5  #: most fine-tune steps per round (warm-started from the last round's backbone)
     strategy: str = "lora"  #: lora | delta | full | freeze (as almd finetune's model.strategy)
     lr: float = 1e-3  #: 1e-4 (almd finetune's default) hardly moves LoRA in 5 steps
     freeze: list[str] = field(default_factory=list)  #: layer groups kept fixed (strategy "freeze" needs some)
+    eval_every: int = 5  #: steps between validations on the held-out labels (the best one is kept)
+    patience: int = 0  #: validations without improvement before a round stops early (0: never)
+    budget: float = 0.0  #: s of wall time per round's training (0: none; the step count then depends on the machine)
+    replay: str = ""  #: "self": co-train on structures labelled by the round's start model (against forgetting)
+    #: a round's cost stays bounded as labels accumulate: the rebuilt heads are fitted on the newest N
+    #: training labels, and the calibration and the round's validation use the newest N held-out ones
+    #: (the backbone itself trains on every label: its cost per step does not grow); 0: all
+    recent_labels: int = 48
     #: an `almd finetune` TOML whose [model] (LoRA rank, …), [loss], [optim], [run] batch settings and
     #: [data] phonon / third-order / replay sets are used; the campaign gives the backbone, its labels
     #: (training and validation), steps, strategy, lr and seed
@@ -196,6 +204,11 @@ class CampaignConfig(TomlSettings):
             raise bad("finetune.strategy", ft.strategy, f"allowed: {', '.join(FINETUNE_STRATEGIES)}")
         if not ft.lr > 0:
             raise bad("finetune.lr", ft.lr, "must be > 0")
+        for key, low in (("eval_every", 1), ("patience", 0), ("budget", 0), ("recent_labels", 0)):
+            if getattr(ft, key) < low:
+                raise bad(f"finetune.{key}", getattr(ft, key), f"must be >= {low}")
+        if ft.replay not in ("", "self"):
+            raise bad("finetune.replay", ft.replay, "allowed: '' (none) or 'self' (self-distilled structures)")
         freeze = ft.freeze
         if ft.config:
             if not Path(ft.config).is_file():

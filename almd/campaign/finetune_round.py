@@ -36,8 +36,9 @@ __all__ = ["finetune_config", "finetune_round", "learnt_labels", "train_backbone
 
 def finetune_config(config: CampaignConfig, backbone: str, workdir: Path, seed: int):
     """The :class:`~almd.finetune.FinetuneConfig` of one round: ``finetune.config``'s settings (or the
-    defaults) with the campaign's backbone, steps, strategy, lr and seed; its data files for labels
-    are dropped (the campaign gives its own), its phonon / third-order / replay sets kept.
+    defaults) with the campaign's backbone, steps, strategy, lr, validation, budget and seed; its data
+    files for labels are dropped (the campaign gives its own), its phonon / third-order / replay sets
+    kept (``finetune.replay = "self"`` adds self-distilled replay).
     """
     from almd.finetune.config import FinetuneConfig
 
@@ -45,27 +46,30 @@ def finetune_config(config: CampaignConfig, backbone: str, workdir: Path, seed: 
     base = FinetuneConfig.from_toml(ft.config) if ft.config else FinetuneConfig()
     model = dataclasses.replace(base.model, name=str(backbone), strategy=ft.strategy,
                                 freeze=list(ft.freeze or base.model.freeze))
-    data = dataclasses.replace(base.data, efs=[], validation=[])
+    data = dataclasses.replace(base.data, efs=[], validation=[], replay=ft.replay or base.data.replay)
     optim = dataclasses.replace(base.optim, lr=ft.lr)
     # checkpoints only at the end: a killed round is simply run again from the campaign's checkpoint
     run = dataclasses.replace(base.run, steps=ft.steps, checkpoint_every=ft.steps, seed=seed,
+                              eval_every=min(ft.eval_every, ft.steps), patience=ft.patience, budget=ft.budget,
                               output=str(workdir), progress=False)
     cfg = dataclasses.replace(base, model=model, data=data, optim=optim, run=run)
     cfg.validate()
     return cfg
 
 
-def learnt_labels(database, ensemble) -> tuple[list[Atoms], list[Atoms]]:
-    """(training, held-out) labels of ``database`` the ensemble was fitted / calibrated on.
+def learnt_labels(database, ensemble, recent: int = 0) -> tuple[list[Atoms], list[Atoms]]:
+    """(training, held-out) labels of ``database`` the ensemble's model was made from.
 
-    Training labels in the order they were fitted (the bootstrap draws depend on it),
-    held-out ones by content hash (a set has no order that survives a restart).
+    Training labels in the order they were learnt (the bootstrap draws depend on it),
+    held-out ones in the order they were stored (database rows survive a restart).
+    ``recent`` > 0 keeps only the newest that many held-out labels.
     """
-    order = {d.key: i for i, d in enumerate(ensemble.designs)}
+    order = {key: i for i, key in enumerate(ensemble.trained_keys)}
     train = {a.info["content_hash"]: a for a in database.training_set() if a.info.get("content_hash") in order}
     held = {a.info["content_hash"]: a for a in database.validation_set()
             if a.info.get("content_hash") in ensemble.calibrated_keys}
-    return sorted(train.values(), key=lambda a: order[a.info["content_hash"]]), [held[k] for k in sorted(held)]
+    held_rows = sorted(held.values(), key=lambda a: a.info["row_id"])
+    return sorted(train.values(), key=lambda a: order[a.info["content_hash"]]), held_rows[-recent:] if recent else held_rows
 
 
 def train_backbone(config: CampaignConfig, backbone: str, version: int, output: Path, train: list[Atoms],
@@ -80,7 +84,8 @@ def train_backbone(config: CampaignConfig, backbone: str, version: int, output: 
 
     workdir = output / "finetune" / f"v{version}"
     cfg = finetune_config(config, backbone, workdir, seed=config.md.seed + version)
-    phonon = [a for a in train if "hessian" in a.info] + [s for p in cfg.data.phonon for s in load_phonon(p)]
+    fold = cfg.data.phonon_fold or None
+    phonon = [a for a in train if "hessian" in a.info] + [s for p in cfg.data.phonon for s in load_phonon(p, fold)]
     own = output / PHONON_FILE  # the campaign's own phonon labels (bootstrap displacements)
     if config.learning.phonons and own.is_file():
         phonon += load_phonon(own)
@@ -103,7 +108,8 @@ def finetune_round(config: CampaignConfig, database, ensemble, backbone: str, ve
     from almd.uncertainty.calibration import Calibration
 
     t0 = time.perf_counter()
-    train, held = learnt_labels(database, ensemble)
+    recent = config.finetune.recent_labels
+    train, held = learnt_labels(database, ensemble, recent)
     args = (config, backbone, version, output, train, held)
     trainer, result = train_on(args) if train_on is not None else train_backbone(*args)
     workdir = output / "finetune" / f"v{version}"
@@ -114,12 +120,15 @@ def finetune_round(config: CampaignConfig, database, ensemble, backbone: str, ve
     calibration = Calibration.from_state_dict(ensemble.calibration.state_dict())  # same settings, data reset
     new = Ensemble(path, k=ensemble.k, seed=ensemble.seed, rank=ensemble.rank, score=ensemble.score,
                    calibration=calibration)
-    new.fit(train, append=False)
+    new.trained_keys = list(ensemble.trained_keys)  # the backbone learnt them all; the heads see the newest
+    new.fit(train[-recent:] if recent else train, append=False)
     if held:
         new.calibrate(held, reset=True)
+    new.calibrated_keys |= ensemble.calibrated_keys  # older held-out labels stay learnt (never labelled again)
     new.version = ensemble.version + 1
     record = {"model_version": version, "backbone": str(path), "from": str(backbone), "train": len(train),
-              "held_out": len(held), "steps": result.steps_done, "best_step": result.best_step,
+              "held_out": len(held), "heads_on": len(new.designs), "steps": result.steps_done, "best_step": result.best_step,
+              "stopped": result.stop_reason,
               "initial_validation": result.initial_validation, "best_validation": result.best_validation,
               "finetune_seconds": round(t1 - t0, 2), "refit_seconds": round(time.perf_counter() - t1, 2)}
     return path, new, record

@@ -253,7 +253,7 @@ class OnTheFlyCalculator(AseCalculator):
     @property
     def trusted(self) -> bool:
         """True once the heads are fitted on ``initial_labels`` training labels: the model answers from then on."""
-        return len(self.ensemble.designs) >= self.initial_labels
+        return len(self.ensemble.trained_keys) >= self.initial_labels
 
     @property
     def converged(self) -> bool:
@@ -359,7 +359,7 @@ class OnTheFlyCalculator(AseCalculator):
         return self.labeller.stored(results), results
 
     def _learnt_keys(self) -> set[str]:
-        return {d.key for d in self.ensemble.designs} | set(self.ensemble.calibrated_keys)
+        return set(self.ensemble.trained_keys) | set(self.ensemble.calibrated_keys)
 
     def _learn(self, labelled: list[Atoms], now: bool = False) -> None:
         """Queue new labels; refit when ``refit_every`` are in (or ``now``, or while untrusted); checkpoint."""

@@ -29,6 +29,10 @@ class ModelConfig:
 class DataConfig:
     #: phonon data sets (phonopy/phono3py yaml or folder; or extxyz / ASE db frames with info['hessian'])
     phonon: list[str] = field(default_factory=list)
+    #: fold the phonopy data sets of ``phonon`` onto this supercell of their unit cell (3 ints,
+    #: commensurate with the set's supercell): the model's Hessian of a small periodic cell
+    #: against the folded DFT force constants. Empty: the data set's own supercell
+    phonon_fold: list[int] = field(default_factory=list)
     #: energy/force/stress data (extxyz, ASE db, or a phonopy data set's displaced supercells)
     efs: list[str] = field(default_factory=list)
     #: phono3py data sets whose displaced supercells become third-order samples (label
@@ -91,6 +95,9 @@ class RunConfig:
     replay_batch: int = 1
     eval_every: int = 10
     patience: int = 5  #: evaluations without improvement before stopping (0: never stop)
+    #: s of wall time for the fit (0: none); the run stops after the step that crosses it and is
+    #: validated there. A budget makes the number of steps depend on the machine's speed.
+    budget: float = 0.0
     checkpoint_every: int = 10
     seed: int = 0
     output: str = "finetune-out"
@@ -113,6 +120,10 @@ class FinetuneConfig(TomlSettings):
             raise bad("model.dtype", self.model.dtype, "allowed: float32, float64")
         if self.model.lora_rank < 1:
             raise bad("model.lora_rank", self.model.lora_rank, "must be >= 1")
+        fold = self.data.phonon_fold
+        if fold and (len(fold) != 3 or any(n < 1 for n in fold)):
+            raise bad("data.phonon_fold", fold, "3 positive ints (a supercell of the data set's unit cell) "
+                      "or [] for the data set's own supercell")
         if not 0.0 <= self.data.validation_fraction < 1.0:
             raise bad("data.validation_fraction", self.data.validation_fraction, "must be in [0, 1)")
         for key in ("forces", "stress", "hessian", "huber_delta", "replay_energy", "replay_forces", "replay_stress"):
@@ -128,6 +139,8 @@ class FinetuneConfig(TomlSettings):
                       "allowed: unset (negative) or 0 for other strategies, >= 0 for 'delta'")
         if not 0.0 <= self.optim.ema < 1.0:
             raise bad("optim.ema", self.optim.ema, "must be in [0, 1)")
+        if self.run.budget < 0:
+            raise bad("run.budget", self.run.budget, "must be >= 0 (s; 0: no budget)")
         for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "replay_batch"):
             if getattr(self.run, key) < 1:
                 raise bad(f"run.{key}", getattr(self.run, key), "must be >= 1")

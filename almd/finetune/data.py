@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -109,18 +109,42 @@ def _frames(path: Path) -> list[Atoms]:
     return ase.io.read(str(path), index=":")
 
 
-def load_phonon(path: str | Path) -> list[Sample]:
-    """Hessian samples: a phonon data set's perfect supercell with its DFT Hessian, or frames with one."""
+def load_phonon(path: str | Path, fold: Sequence[int] | Sequence[Sequence[int]] | None = None) -> list[Sample]:
+    """Hessian samples: a phonon data set's perfect supercell with its DFT Hessian, or frames with one.
+
+    Parameters
+    ----------
+    path : str or Path
+        A phonopy / phono3py yaml or folder, or extxyz / ASE db frames with ``info['hessian']``.
+    fold : 3 ints or (3, 3) ints, optional
+        A supercell of the data set's unit cell, commensurate with its supercell: the sample is
+        then that small periodic cell with the data's force constants folded onto it
+        (almd.phonons.datasets.folded_phonon_hessian), whose Hessian costs the model far
+        fewer atoms. None or empty: the data set's own supercell. Frames are never folded.
+
+    Returns
+    -------
+    list of Sample
+        Samples with a (3n, 3n) Hessian in eV/Å².
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"phonon data not found: {path}")
     if _is_phonon_set(path):
-        from almd.phonons.datasets import phonon_hessian
+        from almd.phonons.datasets import folded_phonon_hessian, phonon_hessian
 
         file = _phonon_file(path)
-        supercell, h = phonon_hessian(file)
+        if fold is None or len(fold) == 0:
+            supercell, h = phonon_hessian(file)
+            name = f"{file.parent.name}/{file.name}:supercell"
+        else:
+            try:
+                supercell, h = folded_phonon_hessian(file, fold)
+            except ValueError as exc:  # not commensurate, bad matrix: a data problem, found before training
+                raise DataError(f"{file}: {exc}") from None
+            name = f"{file.parent.name}/{file.name}:folded{np.asarray(fold).tolist()}"
         supercell.info["hessian"] = h
-        return [sample_from_atoms(supercell, f"{file.parent.name}/{file.name}:supercell")]
+        return [sample_from_atoms(supercell, name)]
     out = [sample_from_atoms(a, f"{path.name}[{i}]") for i, a in enumerate(_frames(path))]
     return [s for s in out if s.hessian is not None]
 

@@ -62,6 +62,7 @@ class FinetuneResult:
     best_validation: dict[str, float]
     energy_shifts: dict[int, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = "steps"  #: "steps", "patience" (early stopping) or "budget" (wall time)
 
 
 class EMA:
@@ -145,7 +146,8 @@ class Finetuner:
         self.potential = pot.to(dtype=self.dtype).train()
 
         d = cfg.data
-        ph = as_samples(phonon, "phonon") if phonon is not None else [s for p in d.phonon for s in load_phonon(p)]
+        ph = as_samples(phonon, "phonon") if phonon is not None else \
+            [s for p in d.phonon for s in load_phonon(p, d.phonon_fold or None)]
         ef = as_samples(efs, "efs") if efs is not None else [s for p in d.efs for s in load_efs(p)]
         if not ph and not ef:
             raise DataError("no training data: give phonon and/or EFS structures (data.phonon, data.efs)")
@@ -412,15 +414,21 @@ class Finetuner:
             self._consider(self.initial_validation)
         # a run that already stopped early stays stopped when resumed
         stopped = 0 < run.patience <= self.bad_evals
+        reason = "patience" if stopped else "steps"
+        start = time.perf_counter()
         bar = tqdm(total=run.steps, initial=self.step, disable=not run.progress, desc="finetune", unit="step")
         try:
             while self.step < run.steps and not stopped:
                 t0 = time.perf_counter()
                 record = {"step": self.step + 1, **self.train_step()}
-                if self.step % run.eval_every == 0 or self.step == run.steps:
+                over = self._over_budget(start)
+                if self.step % run.eval_every == 0 or self.step == run.steps or over:
                     metrics = self.validate()
                     record.update(metrics)
                     stopped = self._consider(metrics)
+                    reason = "patience" if stopped else reason
+                if over and not stopped:
+                    stopped, reason = True, "budget"
                 record["seconds"] = time.perf_counter() - t0
                 self.history.append(record)
                 bar.update(1)
@@ -440,7 +448,18 @@ class Finetuner:
                 p.copy_(self.best["weights"][k])
         model_path = self.export(self.output / "model.pt") if save_model and self.writes else None
         return FinetuneResult(model_path, self.best["step"], self.best["loss"], self.step, stopped,
-                              self.initial_validation, self.best["metrics"], self.energy_shifts, self.history)
+                              self.initial_validation, self.best["metrics"], self.energy_shifts, self.history,
+                              reason)
+
+    def _over_budget(self, start: float) -> bool:
+        """Whether ``run.budget`` seconds have passed since ``start``; under MPI rank 0's clock decides for all."""
+        budget = self.config.run.budget
+        if budget <= 0:
+            return False
+        over = float(time.perf_counter() - start >= budget)
+        if self.parallel is not None:
+            over = self.parallel.comm.bcast(over, root=0)
+        return bool(over)
 
     def _consider(self, metrics: dict[str, float]) -> bool:
         """Track the best validation loss; True when patience has run out."""

@@ -5,7 +5,7 @@ No torch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from almd.structures import minimum_image
 
-__all__ = ["displaced_supercells", "hessian_from_force_constants", "force_constants_from_hessian", "load_phonon_dataset",
-           "phonon_hessian", "third_order_hessians"]
+__all__ = ["displaced_supercells", "fold_force_constants", "folded_phonon_hessian", "force_constants_from_hessian",
+           "hessian_from_force_constants", "load_phonon_dataset", "phonon_hessian", "third_order_hessians"]
 
 
 def _to_ase(cell: Any) -> Atoms:
@@ -136,6 +136,144 @@ def phonon_hessian(dataset_path: str | Path | Any) -> tuple[Atoms, np.ndarray]:
     if not random:
         ph.symmetrize_force_constants()
     return _to_ase(ph.supercell), hessian_from_force_constants(ph.force_constants)
+
+
+def _lattice_multiple(big: np.ndarray, small: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+    """Integer matrix N with big = N · small (lattice vectors as rows); ValueError if there is none."""
+    n = np.asarray(big, dtype=float) @ np.linalg.inv(np.asarray(small, dtype=float))
+    rounded = np.rint(n)
+    if np.abs(n - rounded).max() > tol or round(abs(np.linalg.det(rounded))) < 1:
+        raise ValueError("cells are not commensurate: the big cell's lattice is not an integer combination "
+                         f"of the small cell's (big = N · small with N = {np.round(n, 4).tolist()})")
+    return rounded.astype(int)
+
+
+def _image_map(big: Atoms, small: Atoms, tol: float) -> np.ndarray:
+    """For each big-cell atom, the small-cell atom it is a periodic image of (same species)."""
+    frac = big.positions @ np.linalg.inv(small.cell.array)  # big atoms in the small cell's fractions
+    diff = frac[:, None, :] - small.get_scaled_positions(wrap=True)[None, :, :]
+    diff -= np.rint(diff)  # mod 1: any small-cell lattice translation is the same site
+    dist = np.linalg.norm(diff @ small.cell.array, axis=-1)  # (N_big, n_small) in Å
+    owner = dist.argmin(axis=1)
+    big_symbols, small_symbols = big.get_chemical_symbols(), small.get_chemical_symbols()
+    for k, i in enumerate(owner):
+        if dist[k, i] > tol:
+            raise ValueError(f"big-cell atom {k} ({big_symbols[k]}) at {np.round(big.positions[k], 4).tolist()} Å "
+                             f"is on no small-cell site (nearest: atom {i}, {dist[k, i]:.3g} Å > tol {tol} Å)")
+        if big_symbols[k] != small_symbols[i]:
+            raise ValueError(f"big-cell atom {k} is {big_symbols[k]} but its small-cell site {i} is {small_symbols[i]}")
+    return owner
+
+
+def fold_force_constants(fc: np.ndarray, big: Atoms, small: Atoms, tol: float = 1e-3) -> np.ndarray:
+    """Force constants of a periodic supercell folded onto a smaller commensurate one:
+    the Hessian of the small periodic cell (its dynamical matrix at its commensurate q).
+
+    Element (i, j) is the sum of Φ(i', j') over the big-cell images j' of small-cell atom j,
+    averaged over the images i' of i (each gives the same when Φ has the small cell's
+    translation symmetry; the mean keeps the result symmetric when it has not exactly).
+
+    Parameters
+    ----------
+    fc : ndarray, shape (N_big, N_big, 3, 3)
+        Full (not compact) force constants of ``big`` in eV/Å², phonopy's order.
+    big : Atoms
+        The supercell of ``fc``; its lattice must be an integer combination of ``small``'s.
+    small : Atoms
+        The small periodic cell, every big-cell atom a lattice image of one of its atoms.
+    tol : float
+        Å; how far a big-cell atom may be from its small-cell site.
+
+    Returns
+    -------
+    ndarray, shape (3n, 3n)
+        Hessian of ``small`` in eV/Å², row 3i+a, column 3j+b (as hessian_from_force_constants).
+
+    Raises
+    ------
+    ValueError
+        Compact or mis-shaped ``fc``, cells not commensurate, an atom on no site, species that differ.
+    """
+    fc = np.asarray(fc, dtype=np.float64)
+    if fc.ndim != 4 or fc.shape[2:] != (3, 3) or fc.shape[0] != fc.shape[1]:
+        raise ValueError(f"force constants must be full, shape (N, N, 3, 3), got {fc.shape} "
+                         "(compact ones: produce them with is_compact_fc=False)")
+    if fc.shape[0] != len(big):
+        raise ValueError(f"force constants are for {fc.shape[0]} atoms, the big cell has {len(big)}")
+    multiple = abs(round(np.linalg.det(_lattice_multiple(big.cell.array, small.cell.array))))
+    if len(big) != multiple * len(small):
+        raise ValueError(f"the big cell is {multiple} small cells but has {len(big)} atoms, not "
+                         f"{multiple} × {len(small)}")
+    owner = _image_map(big, small, tol)
+    counts = np.bincount(owner, minlength=len(small))
+    if np.any(counts != multiple):
+        i = int(np.flatnonzero(counts != multiple)[0])
+        raise ValueError(f"small-cell atom {i} has {counts[i]} images in the big cell, expected {multiple}")
+    n = len(small)
+    folded = np.zeros((n, n, 3, 3))
+    np.add.at(folded, (owner[:, None], owner[None, :]), fc)  # Σ over all image pairs (i', j')
+    folded /= multiple  # the mean over i' of the sums over j'
+    return np.ascontiguousarray(folded.swapaxes(1, 2).reshape(3 * n, 3 * n))
+
+
+_SupercellMatrix = int | Sequence[int] | Sequence[Sequence[int]] | np.ndarray
+
+
+def _as_supercell_matrix(supercell_matrix: _SupercellMatrix) -> np.ndarray:
+    m = np.asarray(supercell_matrix, dtype=int)
+    if m.ndim == 0:
+        return np.eye(3, dtype=int) * int(m)
+    if m.shape == (3,):
+        return np.diag(m)
+    if m.shape != (3, 3):
+        raise ValueError(f"supercell_matrix must be an int, 3 ints or a 3×3 matrix, got {supercell_matrix!r}")
+    return m
+
+
+def folded_phonon_hessian(dataset_path: str | Path | Any,
+                          supercell_matrix: _SupercellMatrix) -> tuple[Atoms, np.ndarray]:
+    """A small supercell of a data set's unit cell with the data's force constants folded
+    onto it: a cheap label for the model's Hessian of the small periodic cell.
+
+    Parameters
+    ----------
+    dataset_path : str, Path or Phonopy / Phono3py object
+        As for :func:`phonon_hessian` (same loading; symfc for random-displacement sets).
+    supercell_matrix : int, 3 ints or (3, 3) ints
+        The small supercell in phonopy's convention, relative to the data set's ``unitcell``
+        (e.g. [1, 1, 1] for the unit cell itself). Its lattice must divide the data set's supercell.
+
+    Returns
+    -------
+    small : Atoms
+        The small supercell (phonopy's atom order), periodic.
+    hessian : ndarray, shape (3n, 3n)
+        Its Hessian in eV/Å², row 3i+a, column 3j+b.
+
+    Raises
+    ------
+    ValueError
+        When the small supercell is not commensurate with the data set's supercell.
+    """
+    from phonopy.structure.cells import get_supercell
+
+    ph = _phonon_object(dataset_path, is_compact_fc=False)
+    matrix = _as_supercell_matrix(supercell_matrix)
+    if round(abs(np.linalg.det(matrix))) < 1:
+        raise ValueError(f"supercell_matrix {matrix.tolist()} is singular")
+    small = _to_ase(get_supercell(ph.unitcell, matrix))
+    phono3py = hasattr(ph, "phonon_dataset")  # its fc2 live on the phonon supercell, as in phonon_hessian
+    big_cell = ph.phonon_supercell if phono3py else ph.supercell
+    try:  # before the force constants: symfc on a 512-atom set takes a while
+        _lattice_multiple(big_cell.cell, small.cell.array)
+    except ValueError:
+        own = ph.phonon_supercell_matrix if phono3py and ph.phonon_supercell_matrix is not None \
+            else ph.supercell_matrix
+        raise ValueError(f"supercell_matrix {matrix.tolist()} is not commensurate with the data set's "
+                         f"supercell {np.asarray(own).tolist()}: the latter's lattice is not an integer "
+                         "combination of the former's") from None
+    big, h = phonon_hessian(ph)
+    return small, fold_force_constants(force_constants_from_hessian(h), big, small)
 
 
 def third_order_hessians(dataset_path: str | Path | Any, min_signal: float = 0.1,

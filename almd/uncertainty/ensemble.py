@@ -143,6 +143,9 @@ class Ensemble(Potential):
         self.calibration = calibration or Calibration()
         self.version = 0  # bumped by every fit, for provenance
         self.calibrated_keys: set[str] = set()
+        # every training label the model was made from, in order: the heads' designs and, in an
+        # ensemble rebuilt on a fine-tuned backbone, the labels of its fine-tune rounds
+        self.trained_keys: list[str] = []
 
     # ---------------------------------------------------------------- prediction
     def atomic_energies(self, graph: Graph, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> torch.Tensor:
@@ -264,6 +267,8 @@ class Ensemble(Potential):
         elif set(self._species_of(frames)) - set(self.fit_species):
             raise ValueError("new species in appended frames; refit with append=False")
         self.designs += [self._design(a) for a in frames]
+        known = set(self.trained_keys)
+        self.trained_keys += [d.key for d in self.designs if d.key not in known]
         r, S = self.directions.shape[1], len(self.fit_species)
         n_par = r * S + S
         # rows: forces, and energies per atom (weighted) so both are in eV/Å-ish units
@@ -351,7 +356,7 @@ class Ensemble(Potential):
                 "weights": self.weights.cpu(), "shifts": self.shifts.cpu(), "directions": self.directions.cpu(),
                 "fit_species": self.fit_species, "designs": [vars(d) for d in self.designs],
                 "calibration": self.calibration.state_dict(), "version": self.version,
-                "calibrated_keys": sorted(self.calibrated_keys)}
+                "calibrated_keys": sorted(self.calibrated_keys), "trained_keys": list(self.trained_keys)}
 
     def head_state(self) -> dict:
         """What a refit changes (heads, subspace, calibration): another process with the same
@@ -388,6 +393,7 @@ class Ensemble(Potential):
         ens.designs = [_Design(**d) for d in payload["designs"]]
         ens.version = payload["version"]
         ens.calibrated_keys = set(payload["calibrated_keys"])
+        ens.trained_keys = list(payload.get("trained_keys", [d.key for d in ens.designs]))  # older files: the designs
         return ens
 
 
