@@ -8,7 +8,12 @@ step with a barostat (or a user's script) asks: ``get_forces()`` then
 ``get_stress()``. Prints time per call for each size, the ratio baseline / almd
 (> 1 means almd is faster) and almd's time per atom.
 
-    python benchmarks/bench_calculator.py [--calls 10] [--threads 2] [--sizes 2 3 4]
+With ``--npt STEPS`` it times MTK NPT MD steps instead (SevenNet-0, 64-atom Si at
+600 K and 1 GPa), almd.Calculator with its 0.5 Å skin against the same calculator
+with no skin (a list rebuilt at every step: what any cell change forced before the
+skin followed the cell), and prints how often each rebuilt its list.
+
+    python benchmarks/bench_calculator.py [--calls 10] [--threads 2] [--sizes 2 3 4] [--npt 0]
 """
 
 from __future__ import annotations
@@ -34,14 +39,49 @@ def time_calls(calc, atoms, calls: int, seed: int = 0) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def time_npt(calc, atoms, steps: int) -> tuple[float, int]:
+    """Seconds per MTK NPT step (600 K, 1 GPa, 1 fs) after one warm-up step, and the list builds."""
+    from ase import units
+    from ase.md.nose_hoover_chain import MTKNPT
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    atoms = atoms.copy()
+    atoms.calc = calc
+    MaxwellBoltzmannDistribution(atoms, temperature_K=600, rng=np.random.default_rng(0))
+    md = MTKNPT(atoms, 1 * units.fs, temperature_K=600, pressure_au=1.0 * units.GPa, tdamp=50 * units.fs,
+                pdamp=250 * units.fs)
+    md.run(1)
+    builds, start = calc.neighbors.builds, time.perf_counter()
+    md.run(steps)
+    return (time.perf_counter() - start) / steps, calc.neighbors.builds - builds
+
+
+def npt(steps: int) -> None:
+    import almd
+
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
+    rows = {"skin 0.5 Å (following the cell)": [], "no skin (rebuilt every step)": []}
+    for _ in range(2):  # interleaved, best of two
+        for name, skin in zip(rows, (0.5, 0.0)):
+            rows[name].append(time_npt(almd.Calculator("sevennet-0", skin=skin), atoms, steps))
+    base = min(t for t, _ in rows["no skin (rebuilt every step)"])
+    print(f"| MTK NPT, 64 atoms, {steps} steps | s/step | list builds | ratio no-skin/this |\n|---|---|---|---|")
+    for name, results in rows.items():
+        t, builds = min(results)
+        print(f"| {name} | {t:.4f} | {builds} | {base / t:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 4],
                         help="conventional-cell repeats (2: 64 atoms, 3: 216, 4: 512, 5: 1000)")
+    parser.add_argument("--npt", type=int, default=0, help="time this many NPT MD steps instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.npt:
+        return npt(args.npt)
 
     from sevenn.calculator import SevenNetCalculator
 

@@ -36,9 +36,9 @@ indicative). All numbers are errors of fine-tuned *training* materials: this
 shows that PFT fixes what it is trained on across several materials in one
 model, not transfer to unseen materials.
 
-Training stops at --max-steps, on early stopping, or when the next chunk of
---eval-every steps would overrun --train-minutes (the step budget adapts to the
-machine's load; the JSON records how many steps ran). Checkpoints and per-material
+Training stops at --max-steps, on early stopping, or at --train-minutes (the trainer's
+run.budget: the step count adapts to the machine's load; the JSON records how many
+steps ran and which material each step drew). Checkpoints and per-material
 results are cached under --output, so re-running the same command resumes.
 
     OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=131072 nohup python benchmarks/bench_chalcogenides_pft.py \\
@@ -55,6 +55,7 @@ Writes <output>/pft_chalcogenides.json and <output>/table.md; prints the table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -135,27 +136,6 @@ def time_step(trainer: Any, phonon: Any, efs: Any, column: int, repeats: int) ->
     return times
 
 
-def drawn_materials(trainer: Any, seed: int, steps: int, names: list[str]) -> list[str]:
-    """The phonon structure of each step: replays Finetuner.train_step's draws
-    (phonon index, column, EFS index) from the same seed (valid with batch_size 1, no replay).
-    """
-    run = trainer.config.run
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(steps):
-        idx = rng.integers(len(trainer.phonon), size=run.batch_size)
-        for i in idx:  # the same draw as train_step's, to keep the stream in step
-            out.append(names[i])
-            s = trainer.phonon[i]
-            if s.columns is None:
-                rng.integers(3 * len(s.atoms))
-            else:
-                rng.choice(s.columns)
-        if trainer.efs and run.efs_batch:
-            rng.integers(len(trainer.efs), size=run.efs_batch)
-    return out
-
-
 def baseline_row(material: str, path: Path, cache: Path, mesh: float) -> tuple[dict, str]:
     """SevenNet-0's errors: bench_chalcogenides.py's cached row or its JSON if present, else recomputed."""
     if BASELINE_JSON.exists():
@@ -206,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", type=Path, default=Path("bench-out/chalco"))
     p.add_argument("--max-steps", type=int, default=400)
     p.add_argument("--train-minutes", type=float, default=30.0,
-                   help="wall-time budget for training (checked before each chunk of --eval-every steps)")
+                   help="wall-time budget for training (the trainer stops after the step that crosses it)")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--patience", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-4,
@@ -256,24 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"validation_columns": args.val_columns, "fit_energy_shifts": True},
         "loss": {"hessian": 100.0, "forces": 20.0, "stress": 5.0},
         "optim": {"lr": args.lr},
-        "run": {"steps": args.eval_every, "batch_size": 1, "efs_batch": args.efs_batch, "eval_every": args.eval_every,
+        "run": {"steps": args.max_steps, "batch_size": 1, "efs_batch": args.efs_batch, "eval_every": args.eval_every,
                 "patience": args.patience, "checkpoint_every": args.eval_every, "seed": args.seed,
+                "budget": 60 * args.train_minutes,
                 "output": str(out / "train"), "threads": args.threads, "progress": False},
     })
     phonon = [m["phonon"] for m in materials]
     efs = [s for m in materials for s in m["efs"]] if args.efs_batch > 0 else []
-    trainer = Finetuner(cfg, phonon=phonon, efs=efs, validation=phonon)
-    # the trainer would take the first training columns; these are the held-out, distinct-site ones
-    trainer.val_columns = [m["val_columns"] for m in materials]
-    validate = trainer.validate
-
-    def timed_validate() -> dict[str, float]:  # the cost of a validation pass lands in the history
-        t0 = time.perf_counter()
-        metrics = validate()
-        metrics["val_seconds"] = time.perf_counter() - t0
-        return metrics
-
-    trainer.validate = timed_validate
+    # validation on the held-out, distinct-site columns (the training samples never draw them)
+    validation = [dataclasses.replace(m["phonon"], columns=tuple(m["val_columns"])) for m in materials]
+    trainer = Finetuner(cfg, phonon=phonon, efs=efs, validation=validation)
     summary.update(materials=names, formulas={m["material"]: m["formula"] for m in materials},
                    validation_columns={m["material"]: m["val_columns"] for m in materials},
                    energy_shifts=trainer.energy_shifts, config=cfg.to_dict(), threads=args.threads,
@@ -298,45 +270,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"one PFT step (EFS + 1 Hessian column), {k} ({v['material']}): "
                   f"{', '.join(f'{s:.1f}' for s in v['seconds'])} s", file=sys.stderr, flush=True)
 
-    # (2) training, in chunks of eval_every steps until max_steps, early stop or the time budget
+    # (2) training until max_steps, early stopping or the time budget (a re-run resumes from the checkpoint)
     t_train = time.perf_counter()
-    result = None
-    chunk_s: list[float] = []
-    while True:
-        done = 0
-        if trainer.checkpoint_path.exists():
-            done = int(torch.load(trainer.checkpoint_path, map_location="cpu", weights_only=False)["step"])
-        if summary.get("stopped_early") or done >= args.max_steps:
-            break
-        elapsed = time.perf_counter() - t_train
-        est = max(chunk_s) if chunk_s else 0.0  # the longest chunk so far (the first without step 0's validation)
-        if result is not None and elapsed + est > 60 * args.train_minutes:
-            summary["stopped_by"] = "time budget"
-            break
-        trainer.config.run.steps = min(done + args.eval_every, args.max_steps)
-        t0 = time.perf_counter()
-        # fit(resume=True) reloads the checkpoint, so the best weights it leaves in the model
-        # at the end of a chunk do not leak into the next one
-        result = trainer.fit(resume=True)
-        chunk_s.append(time.perf_counter() - t0)
-        if done == 0:
-            chunk_s[-1] -= trainer.initial_validation.get("val_seconds", 0.0)
-        last = trainer.history[-1]
-        print(f"step {trainer.step}: val loss {last.get('val_loss', float('nan')):.4g}, "
-              f"val Hessian MAE {last.get('val_hessian_mae', float('nan')):.4g} eV/Å² "
-              f"(start {trainer.initial_validation['val_hessian_mae']:.4g}, best step {trainer.best['step']}); "
-              f"chunk {chunk_s[-1]:.0f} s", file=sys.stderr, flush=True)
-        summary["stopped_early"] = bool(result.stopped_early)
-        if result.stopped_early:
-            summary["stopped_by"] = "early stopping"
-    if result is None:  # resumed after training had finished: export the best weights again
-        trainer.config.run.steps = done
-        result = trainer.fit(resume=True)
-    summary.setdefault("stopped_by", "max steps")
+
+    def report(record: dict[str, Any]) -> None:
+        if "val_loss" in record:
+            print(f"step {record['step']}: val loss {record['val_loss']:.4g}, val Hessian MAE "
+                  f"{record.get('val_hessian_mae', float('nan')):.4g} eV/Å² (start "
+                  f"{trainer.initial_validation['val_hessian_mae']:.4g}, best step {trainer.best['step']}); "
+                  f"validation {record['val_seconds']:.0f} s", file=sys.stderr, flush=True)
+
+    result = trainer.fit(resume=True, on_step=report)
+    summary["stopped_by"] = {"steps": "max steps", "patience": "early stopping", "budget": "time budget"}[
+        result.stop_reason]
     history = trainer.history
     plain = [h["seconds"] for h in history if "val_loss" not in h]
-    val_s = [v["val_seconds"] for v in [trainer.initial_validation] + history if "val_seconds" in v]
-    drawn = drawn_materials(trainer, args.seed, trainer.step, names)
+    val_s = [h["val_seconds"] for h in history if "val_seconds" in h]
+    drawn = [h["drawn"][0].split(":")[0] for h in history]  # batch_size 1: the step's phonon supercell first
     by_material = {n: [h["seconds"] for h, d in zip(history, drawn) if d == n and "val_loss" not in h] for n in names}
     summary["training"] = {
         "steps_done": trainer.step, "best_step": trainer.best["step"], "lr": args.lr,

@@ -8,7 +8,6 @@ Baseline (named): one model, ``almd.Calculator('sevennet-0')``, one MD step
                      member forces and spread at every step)
   ensemble, 1/n      spread every n-th step, the member mean (1 backward) otherwise
   ensemble, mean     the mean only (lower bound of 1/n for large n)
-  batched backward   as "every", but the K backwards as one is_grads_batched call
   K models, naive    K independent almd.Calculators, one call each per step
 
 Velocity-Verlet steps, 1 fs; timings are the best of the repeats and the rows
@@ -60,24 +59,6 @@ class _Naive:
         atoms.calc = Mean()
 
 
-def _batched_calc(ens: Ensemble):
-    """EnsembleCalculator variant whose K backwards are one is_grads_batched call."""
-    calc = EnsembleCalculator(ens)
-
-    def evaluate(graph, members=True, stress=False):
-        graph.requires_grad_(positions=True, strain=False)
-        h = ens.readout.features(graph)
-        types = ens.readout.species_index(graph.numbers)
-        w = ens.weights[:, types]
-        (g,) = torch.autograd.grad(h, graph.positions, w, is_grads_batched=True)
-        energy = (torch.einsum("nf,knf->kn", h.detach(), w) + ens.shifts[:, types]).sum(1, keepdim=True)
-        return {"energy": energy, "forces": -g}
-
-    calc.ensemble = type("E", (), {"evaluate": staticmethod(evaluate), "cutoff": ens.cutoff, "score": ens.score,
-                                   "calibration": ens.calibration})()
-    return calc
-
-
 def time_md(atoms, setup, steps: int) -> float:
     atoms = atoms.copy()
     setup(atoms)
@@ -116,7 +97,6 @@ def main() -> None:
         f"ensemble K={args.k}, spread every {args.every}th step": set_calc(
             lambda: EnsembleCalculator(ens, uncertainty_every=args.every)),
         f"ensemble K={args.k}, mean only": set_calc(lambda: EnsembleCalculator(ens, uncertainty_every=10**9)),
-        f"ensemble K={args.k}, batched backward (is_grads_batched)": set_calc(lambda: _batched_calc(ens)),
         f"{args.k} independent models (naive)": naive.attach,
     }
     best = {name: float("inf") for name in rows}

@@ -130,14 +130,6 @@ def predict(pot: Any, cells: list, forces: bool = True) -> tuple[np.ndarray, np.
     return np.array(energies), (np.array(all_forces) if forces else None)
 
 
-def fit_shifts(numbers: list[np.ndarray], model_e: np.ndarray, dft_e: np.ndarray) -> dict[int, float]:
-    """Per-element offsets s_Z minimising Σ(E_dft − E_model − Σ_Z N_Z s_Z)² (min-norm: one composition here)."""
-    species = sorted({int(z) for nums in numbers for z in nums})
-    counts = np.array([[np.sum(nums == z) for z in species] for nums in numbers], dtype=float)
-    s, *_ = np.linalg.lstsq(counts, dft_e - model_e, rcond=None)
-    return {z: float(v) for z, v in zip(species, s)}
-
-
 def metrics(e_pred: np.ndarray, f_pred: np.ndarray, test: list, disp: np.ndarray, template: Any,
             dft: Any) -> dict[str, Any]:
     """Test-set force/energy errors and phonon errors (model fc2 vs DFT fc2, same supercell and displacements)."""
@@ -164,11 +156,10 @@ def metrics(e_pred: np.ndarray, f_pred: np.ndarray, test: list, disp: np.ndarray
 # ---------------------------------------------------------------- one fine-tuning run
 def run_one(n: int, strategy: str, args: argparse.Namespace, cells: list, base: dict[str, np.ndarray],
             template: Any, dft: Any) -> dict[str, Any]:
-    import torch
 
     from almd import potentials
     from almd.finetune import FinetuneConfig, Finetuner
-    from almd.finetune.data import apply_energy_shifts
+    from almd.finetune.data import apply_energy_shifts, composition_shifts
     from almd.potentials import adapters
 
     name = f"n{n:02d}_{strategy}"
@@ -184,7 +175,7 @@ def run_one(n: int, strategy: str, args: argparse.Namespace, cells: list, base: 
         pool_e, _ = predict(pot, pool, forces=False)
     else:
         pool_e = base["pool_energies"][:n]
-    shifts = fit_shifts([a.numbers for a in pool], pool_e, np.array([a.get_potential_energy() for a in pool]))
+    shifts = composition_shifts([a.numbers for a in pool], np.array([a.get_potential_energy() for a in pool]) - pool_e)
     apply_energy_shifts(pot, shifts)
 
     optim: dict[str, Any] = {"lr": LEARNING_RATES[strategy]}
@@ -201,12 +192,6 @@ def run_one(n: int, strategy: str, args: argparse.Namespace, cells: list, base: 
     })
     trainer = Finetuner(cfg, potential=pot, efs=pool, validation=validation)
     n_trainable = adapters.count_trainable(trainer.potential)
-    ckpt = trainer.checkpoint_path
-    if ckpt.exists():
-        # an early-stopped run's checkpoint does not record that it stopped: do not train on after it
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if 0 < args.patience <= state["bad_evals"]:
-            trainer.config.run.steps = state["step"]
     t1 = time.perf_counter()
     result = trainer.fit(resume=True)
     t2 = time.perf_counter()

@@ -217,3 +217,38 @@ def test_sevennet_mf0_runs_its_pbe_fidelity(tmp_path, si8):
     again.calc = almd.Calculator(model=path)
     assert again.calc.potential.modality == "PBE"
     assert again.get_potential_energy() == pytest.approx(ours.get_potential_energy(), abs=1e-5)
+
+
+def test_the_neighbour_list_survives_a_small_cell_change_and_stays_exact():
+    """NPT moves the cell every step: within the skin's bound the cached list gives exactly the
+    pairs a fresh build finds (strained and rattled cells, sheared too); beyond it, it is rebuilt.
+    """
+    from almd.potentials.calculator import NeighborCache
+    from almd.potentials.graph import neighbor_pairs
+
+    def pairs(p):
+        order = np.lexsort((p.shifts[:, 2], p.shifts[:, 1], p.shifts[:, 0], p.j, p.i))
+        return np.column_stack([p.i[order], p.j[order], p.shifts[order]])
+
+    cutoff = 5.0
+    cache = NeighborCache(cutoff, skin=0.5)
+    start = bulk("Si", "diamond", a=5.431, cubic=True).repeat(2)
+    start.rattle(0.02, seed=1)
+    cache.get(start)
+    rng = np.random.default_rng(0)
+    for strain in (0.01, -0.02, 0.03):
+        atoms = start.copy()
+        eps = strain * (np.eye(3) + 0.3 * rng.standard_normal((3, 3)))  # with shear
+        atoms.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+        atoms.positions += rng.normal(0, 0.02, atoms.positions.shape)
+        fresh = neighbor_pairs(atoms, cutoff)
+        inside = np.flatnonzero(np.linalg.norm(atoms.positions[fresh.j] - atoms.positions[fresh.i]
+                                               + fresh.shifts @ atoms.cell.array, axis=1) < cutoff)
+        expected = pairs(type(fresh)(fresh.i[inside], fresh.j[inside], fresh.shifts[inside]))
+        np.testing.assert_array_equal(pairs(cache.get(atoms)), expected)
+        if strain == 0.01:  # bound ≈ 2·0.07 + 5.5·0.016 ≈ 0.23 Å of the 0.5 Å skin: reused
+            assert cache.builds == 1
+    squeezed = start.copy()
+    squeezed.set_cell(start.cell.array * 0.9, scale_atoms=True)  # 10 %: beyond any skin
+    cache.get(squeezed)
+    assert cache.builds >= 2

@@ -142,3 +142,12 @@ def test_the_other_shipped_backbones_drive_a_campaign(tmp_path, backbone):
     assert result.calls >= 1 and result.finetunes >= 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["heldout_force_rmse_eV_A"] < 0.5 * summary["heldout_force_rmse_base_eV_A"]
+
+
+def test_the_uncertainty_plot_marks_each_walkers_own_schedule_end():
+    from almd.campaign.plots import _schedule_ends
+
+    config = {"md": {"schedule": [[100, 300], [400, 300, 900]]},
+              "walker": [{}, {"schedule": [[50, 300, 600]]}, {"pressure_schedule": [[700, 0.0, 2.0]]}, {"schedule": []}]}
+    assert _schedule_ends(config, [0, 1, 2, 3]) == {500: [0], 50: [1], 700: [2]}
+    assert _schedule_ends({"md": {}}, [0]) == {}

@@ -242,13 +242,21 @@ def test_streamlined_e3nn_graphs_give_the_same_values_and_derivatives():
             torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
 
-def test_sevennet_is_streamlined_and_unchanged(sic8):
-    from almd.potentials.sevennet import SevenNet
+@pytest.mark.parametrize("backbone", ["sevennet-0", "mace"])
+def test_backbones_are_streamlined_and_unchanged(backbone, sic8):
+    if backbone == "mace":
+        pytest.importorskip("mace")
+        from almd.potentials.mace import small_random_mace
 
-    fast = potentials.load("sevennet-0").double().eval()
-    plain = SevenNet.from_checkpoint("sevennet-0", streamlined=False).double().eval()
+        fast, plain = (small_random_mace([14, 6], cutoff=4.5, seed=1, streamlined=s).double().eval()
+                       for s in (True, False))
+    else:
+        from almd.potentials.sevennet import SevenNet
+
+        fast = potentials.load("sevennet-0").double().eval()
+        plain = SevenNet.from_checkpoint("sevennet-0", streamlined=False).double().eval()
     graphs = [m.code for m in fast.modules() if isinstance(m, torch.fx.GraphModule)]
-    assert sum("split" in code for code in graphs) >= 10  # every convolution and linear layer of the 5 blocks
+    assert sum("split" in code for code in graphs) >= (10 if backbone == "sevennet-0" else 2)  # sliced layers
     e_fast, f_fast, s_fast = efs(fast, sic8)
     e_plain, f_plain, s_plain = efs(plain, sic8)
     assert e_fast == pytest.approx(e_plain, abs=1e-10)

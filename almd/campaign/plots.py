@@ -147,6 +147,19 @@ def plot_phonons(run_dir: str | Path) -> Path | None:
                       title="phonons: reference, base and final model")
 
 
+def _schedule_ends(config: dict, walkers: list[int]) -> dict[int, list[int]]:
+    """MD step at which each walker's temperature and pressure schedules end → the walkers ending there."""
+    md, tables = config.get("md", {}), config.get("walker") or []
+    ends: dict[int, list[int]] = {}
+    for k in walkers:
+        own = tables[k] if k < len(tables) else {}
+        stages = [own.get(key, md.get(key)) or [] for key in ("schedule", "pressure_schedule")]
+        end = max(sum(stage[0] for stage in st) for st in stages)
+        if end > 0:
+            ends.setdefault(int(end), []).append(k)
+    return ends
+
+
 def plot_uncertainty(run_dir: str | Path) -> Path:
     """The per-walker calibrated uncertainty trace with its rolling mean, the history threshold,
     the target, every reference call marked and the thermostat's temperature; returns the file.
@@ -181,12 +194,11 @@ def plot_uncertainty(run_dir: str | Path) -> Path:
                            color=c, s=28, zorder=3, label=f"{name} ({len(hits)})" if k == walkers[0] else None)
     if target is not None:
         ax.axhline(target, color="tab:purple", ls="--", lw=1.2, label=f"target {target} eV/Å")
-    schedule = state.get("config", {}).get("md", {}).get("schedule") or []
-    if schedule:
-        end = sum(stage[0] for stage in schedule)
+    for end, who in _schedule_ends(state.get("config", {}), walkers).items():
         for a in (ax, ax_t):
             a.axvline(end, color="tab:orange", lw=1.0, ls="--")
-        ax_t.text(end, ax_t.get_ylim()[0], " schedule ends", va="bottom", fontsize=8, color="tab:orange")
+        name = "" if len(walkers) == 1 else f" (walker {', '.join(map(str, who))})"
+        ax_t.text(end, ax_t.get_ylim()[0], f" schedule ends{name}", va="bottom", fontsize=8, color="tab:orange")
     at = state.get("converged_at_step")
     if at is not None:
         for a in (ax, ax_t):

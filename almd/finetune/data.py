@@ -21,8 +21,8 @@ from almd.potentials.graph import NeighborPairs
 from almd.structures import bare
 
 __all__ = [
-    "apply_energy_shifts", "as_samples", "check_samples", "DataError", "fit_energy_shifts", "load_efs",
-    "load_phonon", "load_third_order", "model_labels", "Sample", "sample_from_atoms", "self_distilled",
+    "apply_energy_shifts", "as_samples", "check_samples", "composition_shifts", "DataError", "fit_energy_shifts",
+    "load_efs", "load_phonon", "load_third_order", "model_labels", "Sample", "sample_from_atoms", "self_distilled",
     "split_validation",
 ]
 
@@ -249,11 +249,18 @@ def fit_energy_shifts(potential: Potential, samples: list[Sample], dtype: torch.
     labelled = [s for s in samples if s.energy is not None]
     if not labelled:
         return {}
-    species = sorted({int(z) for s in labelled for z in s.atoms.numbers})
-    counts = np.array([[np.sum(s.atoms.numbers == z) for z in species] for s in labelled], dtype=float)
     model = np.array([r["energy"].sum() for r in model_labels(potential, [s.atoms for s in labelled], dtype)])
-    residual = np.array([s.energy for s in labelled]) - model
-    shifts, *_ = np.linalg.lstsq(counts, residual, rcond=None)
+    return composition_shifts([s.atoms.numbers for s in labelled], np.array([s.energy for s in labelled]) - model)
+
+
+def composition_shifts(numbers: list[np.ndarray], residuals: np.ndarray) -> dict[int, float]:
+    """Offsets s_Z minimising Σ_c (r_c − Σ_Z N_cZ s_Z)² over structures c with atomic numbers
+    ``numbers[c]`` and energy residuals r_c (label − model, eV); the minimum-norm solution
+    when the compositions do not separate the elements (one composition).
+    """
+    species = sorted({int(z) for nums in numbers for z in nums})
+    counts = np.array([[np.sum(np.asarray(nums) == z) for z in species] for nums in numbers], dtype=float)
+    shifts, *_ = np.linalg.lstsq(counts, np.asarray(residuals, float), rcond=None)
     return {z: float(v) for z, v in zip(species, shifts)}
 
 

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,7 +49,8 @@ __all__ = ["DTYPES", "EMA", "Finetuner", "FinetuneResult", "LOG_FIELDS", "shift_
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 LOG_FIELDS = ("step", "loss", "energy", "forces", "stress", "hessian", "third_order", "delta_l2", "replay",
-              "grad_norm", "val_loss", "val_hessian_mae", "val_third_order_mae", "val_forces_mae", "seconds")
+              "grad_norm", "val_loss", "val_hessian_mae", "val_third_order_mae", "val_forces_mae", "val_seconds",
+              "seconds")
 
 
 @dataclass
@@ -307,7 +309,8 @@ class Finetuner:
             if self.writes:  # a function of the weights alone: counted once in the sum over ranks
                 loss = loss + self.delta_l2 * penalty
             terms["delta_l2"] = float(penalty.detach())  # ‖Δω‖² before this step's update
-        record = {"loss": self._total(loss), **terms, "grad_norm": self._optimise(loss)}
+        record = {"loss": self._total(loss), **terms, "grad_norm": self._optimise(loss),
+                  "drawn": [s.name for s in phonon + efs]}  # which structures this step learnt from
         if self.config.co_training and self.replay:
             replay = []
             for _ in range(self.config.loss.replay_ratio):
@@ -399,10 +402,12 @@ class Finetuner:
              "best_step": self.best["step"], "best_val_loss": self.best["loss"]}, indent=1))
 
     # ------------------------------------------------------------ the loop
-    def fit(self, resume: bool = False, save_model: bool = True) -> FinetuneResult:
-        """Train until ``run.steps`` or early stopping; the best EMA weights end in the model.
+    def fit(self, resume: bool = False, save_model: bool = True,
+            on_step: Callable[[dict[str, Any]], None] | None = None) -> FinetuneResult:
+        """Train until ``run.steps``, early stopping or ``run.budget``; the best EMA weights end in the model.
 
-        ``resume`` continues from ``<output>/checkpoint.pt`` when it exists.
+        ``resume`` continues from ``<output>/checkpoint.pt`` when it exists. ``on_step(record)``
+        sees each step's history record (losses, drawn structures, validation metrics, seconds).
         """
         from tqdm import tqdm
 
@@ -423,14 +428,17 @@ class Finetuner:
                 record = {"step": self.step + 1, **self.train_step()}
                 over = self._over_budget(start)
                 if self.step % run.eval_every == 0 or self.step == run.steps or over:
+                    t_val = time.perf_counter()
                     metrics = self.validate()
-                    record.update(metrics)
+                    record.update(metrics, val_seconds=time.perf_counter() - t_val)
                     stopped = self._consider(metrics)
                     reason = "patience" if stopped else reason
                 if over and not stopped:
                     stopped, reason = True, "budget"
                 record["seconds"] = time.perf_counter() - t0
                 self.history.append(record)
+                if on_step is not None:
+                    on_step(record)
                 bar.update(1)
                 shown = ("loss", "hessian", "third_order", "forces", "replay", "val_loss")
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in shown if k in record})

@@ -9,8 +9,9 @@ Whatever property is asked for, one forward and one backward give them all
 ``get_forces()`` followed by ``get_stress()`` runs the model once.
 
 MD calls move atoms a little each step, so the neighbour list is built with a
-skin and reused until some atom has moved more than half the skin (or the cell,
-numbers or pbc change); pairs beyond the cutoff are dropped in torch.
+skin and reused until some atom has moved more than half the skin, less what a
+change of the cell (NPT) uses up (:meth:`NeighborCache._valid`), or the numbers or pbc
+change; pairs beyond the cutoff are dropped in torch.
 """
 
 from __future__ import annotations
@@ -61,14 +62,30 @@ class NeighborCache:
         return NeighborPairs(p.i[order], p.j[order], p.shifts[order])
 
     def _valid(self, atoms: Atoms) -> bool:
+        """Whether every pair now within the cutoff is in the list (built with cutoff + skin).
+
+        A pair vector moves from d to d·M + (Δs_j − Δs_i)·C, with C the cell now, M = C_ref⁻¹·C
+        and Δs an atom's change in fractional coordinates; so no pair can have come in from
+        beyond cutoff + skin while 2·max|Δs·C| + (cutoff + skin)·‖M − 1‖₂ < skin. Without a
+        cell change that is the usual half-skin rule; with one (NPT) the list survives small strains.
+        """
         ref = self._reference
         if ref is None or len(ref) != len(atoms):
             return False
-        if not (np.array_equal(ref.numbers, atoms.numbers) and np.array_equal(ref.pbc, atoms.pbc)
-                and np.allclose(ref.cell.array, atoms.cell.array, rtol=0, atol=1e-12)):
+        if not (np.array_equal(ref.numbers, atoms.numbers) and np.array_equal(ref.pbc, atoms.pbc)):
             return False
-        moved = np.sqrt(((atoms.positions - ref.positions) ** 2).sum(1).max()) if len(atoms) else 0.0
-        return moved < 0.5 * self.skin
+        if not len(atoms):
+            return True
+        old, new = ref.cell.array, atoms.cell.array
+        if np.allclose(old, new, rtol=0, atol=1e-12):
+            moved, strain = np.sqrt(((atoms.positions - ref.positions) ** 2).sum(1).max()), 0.0
+        elif abs(np.linalg.det(old)) > 1e-9 and abs(np.linalg.det(new)) > 1e-9:
+            ds = atoms.positions @ np.linalg.inv(new) - ref.positions @ np.linalg.inv(old)
+            moved = np.sqrt(((ds @ new) ** 2).sum(1).max())
+            strain = np.linalg.norm(np.linalg.solve(old, new) - np.eye(3), 2)
+        else:  # a cell with empty vectors changed: no bound, rebuild
+            return False
+        return 2 * moved + (self.cutoff + self.skin) * strain < self.skin
 
 
 class Calculator(AseCalculator):

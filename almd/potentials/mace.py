@@ -23,9 +23,10 @@ __all__ = ["Mace", "MaceReadout", "small_random_mace"]
 class Mace(Potential):
     backbone_name = "mace"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, streamlined: bool = True):
         super().__init__()
-        streamline(model)
+        if streamlined:  # e3nn's graphs without per-block slice gradients (almd.potentials.e3nn_graphs)
+            streamline(model)
         self.model = model
         self.cutoff = float(model.r_max)
         self.species = tuple(int(z) for z in model.atomic_numbers)
@@ -34,13 +35,13 @@ class Mace(Potential):
         self.register_buffer("z_to_index", table, persistent=False)
 
     @classmethod
-    def from_file(cls, path: str, allow_pickle: bool = False) -> "Mace":
+    def from_file(cls, path: str, allow_pickle: bool = False, streamlined: bool = True) -> "Mace":
         """A MACE model file. MACE pickles the whole module, so reading it can run code:
         ``allow_pickle=True`` only for a file you trust (:func:`almd.potentials.files.read_payload`).
         """
         from almd.potentials.files import read_payload
 
-        return cls(read_payload(path, allow_pickle))
+        return cls(read_payload(path, allow_pickle), streamlined)
 
     def atomic_energies(self, graph: Graph, edge_index: torch.Tensor, edge_vectors: torch.Tensor) -> torch.Tensor:
         dtype = edge_vectors.dtype
@@ -186,7 +187,8 @@ class MaceReadout:
         return torch.cat([self.w_readout, ones], 1), self.b_readout.clone()
 
 
-def small_random_mace(species: list[int], cutoff: float = 4.0, seed: int = 0, channels: int = 8) -> Mace:
+def small_random_mace(species: list[int], cutoff: float = 4.0, seed: int = 0, channels: int = 8,
+                      streamlined: bool = True) -> Mace:
     """A small randomly initialised MACE (for tests and examples; not a physical model)."""
     import numpy as np
     from e3nn import o3
@@ -213,4 +215,4 @@ def small_random_mace(species: list[int], cutoff: float = 4.0, seed: int = 0, ch
         atomic_inter_scale=1.0,
         atomic_inter_shift=0.0,
     )
-    return Mace(model)
+    return Mace(model, streamlined)
