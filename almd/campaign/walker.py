@@ -9,9 +9,9 @@ Its whole dynamical state — positions, momenta, cell, step, the thermostat's
 random-number generator, the Nosé–Hoover and barostat chains
 (:mod:`almd.campaign.dynamics`) — is a :class:`WalkerState`, which round-trips through
 JSON exactly (Python writes the shortest repr that reads back to the same
-float). A run restored from it continues bit for bit, because ASE's Langevin
-draws its noise from that generator and the forces at a restored geometry are
-recomputed by the same deterministic model.
+float) and is checked field by field when read back. A run restored from it
+continues bit for bit, because ASE's Langevin draws its noise from that generator
+and the forces at a restored geometry are recomputed by the same deterministic model.
 
 A step whose forces are not finite or exceed ``max_force`` is a blow-up: the
 record says so, and :meth:`Walker.rollback` returns to the last trusted state
@@ -126,9 +126,9 @@ class WalkerSettings:
         return cls(**raw)
 
 
-@dataclass
+@settings(error=WalkerError)
 class WalkerState:
-    """Everything that changes during MD; JSON-exact."""
+    """Everything that changes during MD; JSON-exact, and checked when read back."""
 
     step: int
     numbers: list[int]
@@ -156,11 +156,14 @@ class WalkerState:
 
     @classmethod
     def from_json(cls, text: str) -> "WalkerState":
+        """The state :meth:`to_json` wrote; a missing or corrupt field is a one-line :class:`WalkerError`."""
         raw = json.loads(text)
-        missing = [f.name for f in fields(cls) if f.name not in raw and f.name not in ("rng", "integrator")]
-        if missing:
-            raise WalkerError(f"walker state lacks {', '.join(missing)}")
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        if not isinstance(raw, dict):
+            raise WalkerError(f"walker state = {raw!r} is not allowed; expected a JSON object")
+        try:  # keys of no field are left out, as they always were
+            return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        except WalkerError as exc:
+            raise WalkerError(f"walker state: {exc}") from None
 
 
 @dataclass(frozen=True)
