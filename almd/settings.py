@@ -1,19 +1,35 @@
-"""The one settings base: TOML tables → typed dataclasses, every value checked.
+"""The one settings base: pydantic dataclasses read from TOML tables, every value checked.
 
-An unknown section or key, or a value of the wrong kind, is a :class:`ConfigError`
-that names the key, the value and what is allowed — before anything is loaded or run.
+Every settings class, and every saved state read back, is a :func:`settings` class: a pydantic v2
+dataclass whose values are checked against their type hints as TOML spells them (an integer is a
+number, but ``true`` is neither a number nor an integer, and ``"5"`` is not 5) and whose unknown
+keys are refused. A failure is one line, a :class:`ConfigError` that names the key, the value and
+what is allowed — before anything is loaded or run. They stay dataclasses: ``dataclasses.replace``
+(checked again), ``asdict`` and ``fields`` work as on any other.
+
+:class:`TomlSettings` reads a file whose sections are such classes. Each class's own range and
+cross-field checks (``__post_init__``, :meth:`TomlSettings.validate`) run once the types are right.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
-__all__ = ["ConfigError", "TomlSettings", "bad", "read_section"]
+from pydantic import BeforeValidator, ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic_core import ArgsKwargs
+
+__all__ = ["SETTINGS_CONFIG", "ConfigError", "OneOrMore", "TomlSettings", "bad", "read_section", "settings"]
+
+#: the pydantic config of every settings class: unknown keys refused, and values of the hinted
+#: kind only (strict: no "5" for 5, no true for 1); an int given for a float becomes that float
+SETTINGS_CONFIG = ConfigDict(extra="forbid", strict=True)
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -22,23 +38,136 @@ class ConfigError(ValueError):
 
 def bad(key: str, value: Any, allowed: str) -> ConfigError:
     """The error for a value that is not allowed, naming the key and what is."""
-    return ConfigError(f"{key} = {value!r} is not allowed; {allowed}")
+    return ConfigError(_not_allowed(key, value, allowed))
+
+
+def _not_allowed(key: str, value: Any, allowed: str) -> str:
+    return f"{key} = {value!r} is not allowed; {allowed}"
+
+
+def _as_list(value: Any) -> Any:
+    """TOML users write a list of one bare (``freeze = "embedding"``); a tuple is a list too."""
+    if isinstance(value, tuple):
+        return list(value)
+    return value if isinstance(value, list) else [value]
+
+
+#: a list whose single item may be given bare: ``supercell = 2`` is ``[2]``
+OneOrMore = Annotated[list[T], BeforeValidator(_as_list)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Style:
+    """How a settings class's errors read outside a TOML section (its Python constructor)."""
+
+    error: type[Exception] = ConfigError  #: the exception raised for a bad or unknown value
+    owner: str = ""  #: prefix of its keys: "TriggerSettings" → "TriggerSettings.window = ..."
+    noun: str = "key"  #: what an unknown key is called: "unknown walker setting 'temp'"
+
+
+def settings(cls: type | None = None, /, *, frozen: bool = False, error: type[Exception] = ConfigError,
+             owner: str = "", noun: str = "key") -> Any:
+    """Make ``cls`` a settings class: a pydantic dataclass (:data:`SETTINGS_CONFIG`) whose construction
+    raises one line (its own ``__post_init__`` errors unchanged), never pydantic's multi-line report.
+
+    Parameters
+    ----------
+    cls : the class, when used as a bare ``@settings``
+    frozen : as for :func:`dataclasses.dataclass`
+    error : the exception class of a bad or unknown value given to the constructor
+    owner : the prefix of the keys named in those errors (default: none)
+    noun : what an unknown key is called in them (default: "key")
+    """
+    def make(cls: type) -> type:
+        cls = pydantic_dataclass(cls, config=SETTINGS_CONFIG, frozen=frozen)
+        cls.__init__ = _checked_init
+        cls._settings_style = _Style(error, owner, noun)
+        return cls
+
+    return make if cls is None else make(cls)
+
+
+def _checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """The ``__init__`` of a settings class: pydantic fills and checks the fields, as its own does."""
+    _validate(type(self), self, ArgsKwargs(args, kwargs), section="")
+
+
+def _validate(cls: type, instance: Any, arguments: ArgsKwargs, section: str) -> None:
+    try:
+        cls.__pydantic_validator__.validate_python(arguments, self_instance=instance)
+    except ValidationError as exc:
+        raise _one_line(exc, cls, section) from None
+
+
+def read_section(name: str, cls: type, raw: Any) -> Any:
+    """One TOML table → an instance of the settings class ``cls``; errors name ``name.key``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table, got {raw!r}")
+    instance = cls.__new__(cls)
+    _validate(cls, instance, ArgsKwargs((), raw), section=name)
+    return instance
+
+
+#: pydantic's error types → what is allowed, as a TOML user reads it
+_EXPECTED = {
+    "float_type": "expected a number", "int_type": "expected an integer", "bool_type": "expected true or false",
+    "string_type": "expected a string", "list_type": "expected a list", "tuple_type": "expected a list",
+    "dict_type": "expected a table",
+}
+
+
+def _one_line(exc: ValidationError, cls: type, section: str) -> Exception:
+    """Pydantic's error as the project's one line: the key (``section.key[i]``), the value, what is allowed.
+
+    Outside a section (``section=""``) the error is the class's own kind, its keys under its ``owner``.
+    """
+    style: _Style = getattr(cls, "_settings_style", _Style())
+    errors = exc.errors(include_url=False)
+    # an unknown key first: a misspelt key is the likelier mistake, and explains a missing one
+    first = min(errors, key=lambda e: e["type"] != "unexpected_keyword_argument")
+    kind, loc = first["type"], first["loc"]
+    if kind == "value_error" and not loc:  # the class's own check (__post_init__): its message, in the section
+        own = first["ctx"]["error"]
+        return ConfigError(f"[{section}]: {own}") if section else own
+    error = ConfigError if section else style.error
+    names = ", ".join(f.name for f in dataclasses.fields(cls))
+    if kind == "unexpected_keyword_argument" and section:
+        return error(f"unknown key '{_dotted(section, loc)}'; allowed in [{section}]: {names}")
+    if kind == "unexpected_keyword_argument":
+        return error(f"unknown {style.noun} '{_dotted('', loc)}'; allowed: {names}")
+    key = _dotted(section or style.owner, loc)
+    if kind in ("missing", "missing_argument"):
+        return error(f"missing key '{key}'")
+    message = first["msg"]
+    return error(_not_allowed(key, first["input"], _EXPECTED.get(kind, message[:1].lower() + message[1:])))
+
+
+def _dotted(prefix: str, loc: tuple[str | int, ...]) -> str:
+    """``("supercell", 1)`` under "system" → ``system.supercell[1]``."""
+    key = prefix
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
+    return key
 
 
 class TomlSettings:
-    """TOML reading for a dataclass whose fields are sections (dataclasses themselves).
+    """TOML reading for a settings class whose fields are sections (settings classes themselves)
+    or arrays of tables (``[[name]]``, lists of dicts).
 
     Subclasses add their cross-section checks in :meth:`validate`.
     """
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]):
+        """Settings from a mapping of sections (a parsed TOML file): every value checked, then :meth:`validate`."""
         hints = typing.get_type_hints(cls)
-        unknown = sorted(set(raw) - set(hints))
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(raw) - set(names))
         if unknown:
-            raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(hints)}")
-        settings = cls(**{name: _tables(name, raw.get(name, [])) if typing.get_origin(hints[name]) is list
-                          else _section(name, hints[name], raw.get(name, {})) for name in hints})
+            raise ConfigError(f"unknown section [{unknown[0]}]; allowed: {', '.join(names)}")
+        sections = {name: read_section(name, hints[name], value) for name, value in raw.items()
+                    if dataclasses.is_dataclass(hints[name])}
+        settings = cls(**{**raw, **sections})  # the arrays of tables are checked as they are
         settings.validate()
         return settings
 
@@ -56,67 +185,3 @@ class TomlSettings:
 
     def validate(self) -> None:
         """Checks that involve several settings (each value's type is checked on reading)."""
-
-
-def _tables(name: str, raw: Any) -> list[dict[str, Any]]:
-    """A TOML array of tables (``[[name]]``), each checked by the settings' own :meth:`validate`."""
-    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
-        raise ConfigError(f"{name} = {raw!r}: expected an array of tables ([[{name}]] sections)")
-    return [dict(t) for t in raw]
-
-
-def read_section(name: str, cls: type, raw: Any) -> Any:
-    """One TOML table → an instance of the dataclass ``cls`` (see :func:`_section`)."""
-    return _section(name, cls, raw)
-
-
-def _section(name: str, cls: type, raw: Any) -> Any:
-    """One TOML table → an instance of the dataclass ``cls``, every value checked against its hint."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"[{name}] must be a table, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in raw.items():
-        if key not in hints:
-            raise ConfigError(f"unknown key '{name}.{key}'; allowed in [{name}]: {', '.join(hints)}")
-        values[key] = _coerce(f"{name}.{key}", hints[key], value)
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:  # the settings class's own checks
-        raise ConfigError(f"[{name}]: {exc}") from None
-
-
-def _coerce(key: str, hint: Any, value: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):  # "X | None": TOML has no null, so X
-        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        origin = typing.get_origin(hint)
-    if origin is list:
-        (item,) = typing.get_args(hint) or (str,)
-        if typing.get_origin(item) is list:  # a list of lists, e.g. [md] schedule
-            if not isinstance(value, list):
-                raise ConfigError(f"{key} = {value!r}: expected a list of lists")
-            return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
-        if item is float:
-            value = [float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-                     for v in (value if isinstance(value, list) else [value])]
-        if isinstance(value, item):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"{key} = {value!r}: expected a list of {item.__name__}")
-        return list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} = {value!r}: expected a table")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r}: expected true or false")
-        return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{key} = {value!r}: expected {getattr(hint, '__name__', hint)}")

@@ -171,7 +171,7 @@ def test_config_errors(tmp_path, capsys):
         FinetuneConfig.from_dict({"trainer": {}})
     with pytest.raises(ConfigError, match="model.strategy = 'qlora'.*full, lora, delta"):
         FinetuneConfig.from_dict({"model": {"strategy": "qlora"}})
-    with pytest.raises(ConfigError, match="optim.lr = 'fast': expected float"):
+    with pytest.raises(ConfigError, match="optim.lr = 'fast' is not allowed; expected a number"):
         FinetuneConfig.from_dict({"optim": {"lr": "fast"}})
     path.write_text('[model]\nstrategy = "lora"\n[run]\nsteps = 3\n')
     cfg = FinetuneConfig.from_toml(path)

@@ -1,7 +1,9 @@
 """The campaign file (TOML) → typed, validated settings.
 
-An unknown section or key, or a value of the wrong kind, is an error that names
-the key, the value and what is allowed — before anything is loaded or run.
+Each section is a settings class (:func:`almd.settings.settings`, a pydantic
+dataclass): an unknown section or key, or a value of the wrong kind, is an error
+that names the key, the value and what is allowed — before anything is loaded or
+run; the range and cross-section checks follow in :meth:`CampaignConfig.validate`.
 The MD and trigger sections are the walker's and the trigger's own settings
 classes, so their checks (and their names) are the ones used here.
 
@@ -21,13 +23,13 @@ A minimal campaign::
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from almd.campaign.trigger_settings import TriggerSettings
 from almd.campaign.walker import WalkerSettings
-from almd.settings import ConfigError, TomlSettings, bad, read_section
+from almd.settings import ConfigError, OneOrMore, TomlSettings, bad, read_section, settings
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -43,14 +45,14 @@ BUILTIN_STRUCTURES = ("si",)
 FINETUNE_STRATEGIES = ("lora", "delta", "full", "freeze")
 
 
-@dataclass
+@settings
 class SystemConfig:
     structure: str = "si"  #: a built-in name (BUILTIN_STRUCTURES) or a structure file
-    supercell: list[int] = field(default_factory=lambda: [2, 2, 2])
+    supercell: OneOrMore[int] = field(default_factory=lambda: [2, 2, 2])
     rattle: float = 0.0  #: Å, Gaussian displacement of the starting structure
 
 
-@dataclass
+@settings
 class ModelConfig:
     backbone: str = "sevennet-0"  #: pretrained name or model file (almd.potentials.load)
     members: int = 4  #: ensemble size K
@@ -60,7 +62,7 @@ class ModelConfig:
     dtype: str = "float32"
 
 
-@dataclass
+@settings
 class ReferenceConfig:
     calculator: str = "stillinger-weber-si"  #: oracle preset or "module:Class"
     options: dict[str, Any] = field(default_factory=dict)  #: keyword arguments of the calculator
@@ -71,7 +73,7 @@ class ReferenceConfig:
     threads: int = 1
 
 
-@dataclass
+@settings
 class LearningConfig:
     initial_labels: int = 4  #: training labels before MD: the start and rattled copies
     initial_calibration: int = 2  #: rattled copies labelled and held out for the calibration
@@ -85,7 +87,7 @@ class LearningConfig:
     test_spacing: int = 10  #: MD steps between two of them
 
 
-@dataclass
+@settings
 class RunConfig:
     steps: int = 200  #: MD steps per walker
     walkers: int = 1
@@ -96,7 +98,7 @@ class RunConfig:
     trajectory_every: int = 10  #: steps between frames of OUTPUT/trajectory-<walker>.extxyz (0: none)
 
 
-@dataclass
+@settings
 class FinetuneSettings:
     """The campaign's backbone fine-tune (almd.finetune) on its own labels; see almd.campaign.finetune_round."""
 
@@ -104,7 +106,7 @@ class FinetuneSettings:
     steps: int = 5  #: most fine-tune steps per round (warm-started from the last round's backbone)
     strategy: str = "lora"  #: lora | delta | full | freeze (as almd finetune's model.strategy)
     lr: float = 1e-3  #: 1e-4 (almd finetune's default) hardly moves LoRA in 5 steps
-    freeze: list[str] = field(default_factory=list)  #: layer groups kept fixed (strategy "freeze" needs some)
+    freeze: OneOrMore[str] = field(default_factory=list)  #: layer groups kept fixed (strategy "freeze" needs some)
     eval_every: int = 5  #: steps between validations on the held-out labels (the best one is kept)
     patience: int = 0  #: validations without improvement before a round stops early (0: never)
     budget: float = 0.0  #: s of wall time per round's training (0: none; the step count then depends on the machine)
@@ -119,7 +121,7 @@ class FinetuneSettings:
     config: str = ""
 
 
-@dataclass
+@settings
 class CampaignConfig(TomlSettings):
     system: SystemConfig = field(default_factory=SystemConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -165,7 +167,7 @@ class CampaignConfig(TomlSettings):
                       "need retries >= 0 and timeout > 0 s")
         if r.progress_every < 0:
             raise bad("run.progress_every", r.progress_every, "an integer >= 0 (0: no progress lines)")
-        if not isinstance(r.trajectory_every, int) or r.trajectory_every < 0:
+        if r.trajectory_every < 0:
             raise bad("run.trajectory_every", r.trajectory_every, "an integer >= 0 (0: no trajectory)")
         if self.reference.threads < 1:
             raise bad("reference.threads", self.reference.threads, "an integer >= 1")

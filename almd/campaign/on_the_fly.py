@@ -46,7 +46,7 @@ import traceback
 import warnings
 import weakref
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ from almd.campaign.config import FinetuneSettings, LearningConfig, ModelConfig
 from almd.campaign.state import RunLock, moved_backbone, read_checkpoint, write_checkpoint
 from almd.campaign.trigger import Trigger, TriggerSettings
 from almd.labels.oracle import LabelResult, Oracle, OracleConfigError
-from almd.settings import ConfigError, bad
+from almd.settings import ConfigError, bad, read_section
 from almd.structures import bare
 
 __all__ = ["KIND", "OnTheFlyCalculator"]
@@ -588,15 +588,10 @@ def _finetune_config(finetune: Any, every: int, backbone: Any, members: int, sco
     if unknown:
         raise bad(f"finetune[{unknown[0]!r}]", finetune[unknown[0]],
                   f"unknown key; allowed: {', '.join(allowed)} (the interval is finetune_every)")
-    settings = replace(FinetuneSettings(), **finetune, every=every)
+    settings = read_section("finetune", FinetuneSettings, {**finetune, "every": every})  # e.g. "finetune.steps = '5'"
     config = CampaignConfig(model=ModelConfig(backbone=str(backbone), members=members, score=score, dtype=dtype),
                             md=WalkerSettings(seed=seed), learning=LearningConfig(phonons=False), finetune=settings)
-    try:
-        config._validate_finetune()  # the campaign's own checks; they name "finetune.<key>"
-    except TypeError:  # a value of the wrong kind, e.g. steps = "5"
-        wrong = {f.name: getattr(settings, f.name) for f in fields(FinetuneSettings)}
-        raise bad("finetune", {k: wrong[k] for k in finetune}, "values of the kinds FinetuneSettings documents "
-                  "(steps: int, strategy: str, lr: float, freeze: list of str, config: str)") from None
+    config._validate_finetune()  # the campaign's own checks; they name "finetune.<key>"
     return config
 
 

@@ -33,7 +33,8 @@ after the last call, below that target.
 
 Scores of steps that were not scored are not fed. Calls are never closer than
 ``min_spacing`` steps, except the brake. The full state serialises to JSON for
-exact, bit-for-bit restarts.
+exact, bit-for-bit restarts, and is checked field by field when read back
+(:class:`TriggerState`).
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import BeforeValidator
 
 from almd.campaign.trigger_settings import DEFAULT_WINDOW, TriggerSettings
+from almd.settings import ConfigError, settings
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -55,6 +58,7 @@ __all__ = [
     "Decision",
     "Trigger",
     "TriggerSettings",
+    "TriggerState",
 ]
 
 _STATE_VERSION = 3  # 3: windows in MD steps, audits, production; versions 1 and 2 still load
@@ -115,6 +119,53 @@ class Decision:
             if not math.isfinite(d[key]):
                 d[key] = None  # JSON has no nan
         return d
+
+
+def _pair(value: Any) -> Any:
+    """JSON writes the sub-block record (error, n_calls) as a list."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+@settings
+class TriggerState:
+    """A trigger's saved state (:meth:`Trigger.state_dict`), checked when read back; the fields
+    with defaults are absent from the states of older versions.
+    """
+
+    version: int
+    settings: dict[str, Any]  #: TriggerSettings fields (checked as those)
+    window: list[float]
+    window_steps: list[int]
+    adapt: list[float]
+    adapt_steps: list[int]
+    last_step: int | None
+    last_call: int | None
+    last_avg_call: int | None
+    last_trusted: int | None
+    threshold: float | None
+    block_start: int | None
+    block_ok: bool
+    good_blocks: int
+    n_calls: int
+    n_brakes: int
+    stationary_from: int = 0
+    last_audit: int | None = None
+    first_step: int | None = None  #: absent (version 1, 2): the first step in the window
+    converged_at: int | None = None
+    n_audits: int = 0
+    n_audit_failures: int = 0
+    audits: list[dict[str, Any]] = field(default_factory=list)
+    subblock: Annotated[tuple[float, int], BeforeValidator(_pair)] | None = None
+
+    @classmethod
+    def read(cls, state: Any) -> "TriggerState":
+        """The saved ``state``, every field checked; a missing or corrupt one is a one-line ConfigError."""
+        if not isinstance(state, dict):
+            raise ConfigError(f"trigger state = {state!r} is not allowed; expected a JSON object")
+        try:  # keys of no field are left out, as they always were
+            return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
+        except ConfigError as exc:
+            raise ConfigError(f"trigger state: {exc}") from None
 
 
 class Trigger:
@@ -415,38 +466,43 @@ class Trigger:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "Trigger":
-        version = state.get("version")
+        """The trigger :meth:`state_dict` saved (versions 1 to 3); a corrupt state is a one-line error."""
+        version = state.get("version") if isinstance(state, dict) else None
         if version not in (1, 2, _STATE_VERSION):
             raise ValueError(f"Trigger state version {version!r} != {_STATE_VERSION}")
-        settings = dict(state["settings"])
+        saved = TriggerState.read(state)
+        settings = dict(saved.settings)
         if version < 3:  # the old defaults, spelt out: a resumed old run keeps its behaviour
             settings = {"target": None, "abs_cap": 0.02, "adaptive": False, "adaptive_history": 400,
                         "window": 1000, "audit_every": 0, **settings}
-        trig = cls(TriggerSettings.from_dict(settings), int(state.get("stationary_from", 0)))
-        trig._window.extend(float(v) for v in state["window"])
-        trig._adapt.extend(float(v) for v in state["adapt"])
-        trig._wsteps.extend(int(v) for v in state["window_steps"])
-        trig._asteps.extend(int(v) for v in state["adapt_steps"])
-        trig._last_step = state["last_step"]
-        trig._last_call = state["last_call"]
-        trig._last_avg_call = state["last_avg_call"]
-        trig._last_trusted = state["last_trusted"]
-        trig._last_audit = state.get("last_audit")
-        trig._first_step = state.get("first_step", trig._wsteps[0] if trig._wsteps else None)
-        trig._threshold = state["threshold"]
-        trig._block_start = state["block_start"]
-        trig._block_ok = bool(state["block_ok"])
-        trig._good_blocks = int(state["good_blocks"])
-        trig._converged_at = state.get("converged_at")
+        try:
+            trig = cls(TriggerSettings.from_dict(settings), saved.stationary_from)
+        except ValueError as exc:  # the settings' own checks raise plain ValueErrors
+            raise ConfigError(f"trigger state: {exc}") from None
+        trig._window.extend(saved.window)
+        trig._adapt.extend(saved.adapt)
+        trig._wsteps.extend(saved.window_steps)
+        trig._asteps.extend(saved.adapt_steps)
+        trig._last_step = saved.last_step
+        trig._last_call = saved.last_call
+        trig._last_avg_call = saved.last_avg_call
+        trig._last_trusted = saved.last_trusted
+        trig._last_audit = saved.last_audit
+        trig._first_step = saved.first_step if "first_step" in state else (
+            trig._wsteps[0] if trig._wsteps else None)
+        trig._threshold = saved.threshold
+        trig._block_start = saved.block_start
+        trig._block_ok = saved.block_ok
+        trig._good_blocks = saved.good_blocks
+        trig._converged_at = saved.converged_at
         if version < 3 and trig._convergence_met():
             trig._converged_at = trig._last_step
-        trig.n_calls = int(state["n_calls"])
-        trig.n_brakes = int(state["n_brakes"])
-        trig.n_audits = int(state.get("n_audits", 0))
-        trig.n_audit_failures = int(state.get("n_audit_failures", 0))
-        trig.audits = list(state.get("audits", []))
-        sub = state.get("subblock")  # absent from version-1 states
-        trig._subblock = None if sub is None else (float(sub[0]), int(sub[1]))
+        trig.n_calls = saved.n_calls
+        trig.n_brakes = saved.n_brakes
+        trig.n_audits = saved.n_audits
+        trig.n_audit_failures = saved.n_audit_failures
+        trig.audits = saved.audits
+        trig._subblock = saved.subblock  # absent from version-1 states
         return trig
 
     def to_json(self) -> str:

@@ -9,9 +9,9 @@ Its whole dynamical state — positions, momenta, cell, step, the thermostat's
 random-number generator, the Nosé–Hoover and barostat chains
 (:mod:`almd.campaign.dynamics`) — is a :class:`WalkerState`, which round-trips through
 JSON exactly (Python writes the shortest repr that reads back to the same
-float). A run restored from it continues bit for bit, because ASE's Langevin
-draws its noise from that generator and the forces at a restored geometry are
-recomputed by the same deterministic model.
+float) and is checked field by field when read back. A run restored from it
+continues bit for bit, because ASE's Langevin draws its noise from that generator
+and the forces at a restored geometry are recomputed by the same deterministic model.
 
 A step whose forces are not finite or exceed ``max_force`` is a blow-up: the
 record says so, and :meth:`Walker.rollback` returns to the last trusted state
@@ -47,6 +47,7 @@ from almd.campaign.dynamics import (
     set_pressure,
 )
 from almd.io import atomic_write
+from almd.settings import OneOrMore, settings
 
 __all__ = ["DYNAMICS", "Frame", "StepRecord", "Walker", "WalkerError", "WalkerSettings", "WalkerState"]
 
@@ -55,7 +56,7 @@ class WalkerError(ValueError):
     """A walker setting or a saved walker state that cannot be used."""
 
 
-@dataclass(frozen=True)
+@settings(frozen=True, error=WalkerError, noun="walker setting")
 class WalkerSettings:
     """MD settings. Times in fs, temperature in K, forces in eV/Å."""
 
@@ -71,9 +72,9 @@ class WalkerSettings:
     keep: int = 1000  #: recent frames kept for frame selection (the trigger's window)
     #: temperature stages after which the last temperature is held, each [steps, T] (constant) or
     #: [steps, T_start, T_end] (linear ramp), K; empty: ``temperature`` throughout (thermostatted dynamics)
-    schedule: list[list[float]] = field(default_factory=list)
+    schedule: list[OneOrMore[float]] = field(default_factory=list)
     #: pressure stages, as ``schedule`` but in GPa (npt); empty: ``pressure`` throughout
-    pressure_schedule: list[list[float]] = field(default_factory=list)
+    pressure_schedule: list[OneOrMore[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.dynamics not in DYNAMICS:
@@ -121,16 +122,13 @@ class WalkerSettings:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "WalkerSettings":
-        allowed = [f.name for f in fields(cls)]
-        for key in raw:
-            if key not in allowed:
-                raise WalkerError(f"unknown walker setting '{key}'; allowed: {', '.join(allowed)}")
+        """From a mapping; an unknown key or a value of the wrong kind is a :class:`WalkerError` naming it."""
         return cls(**raw)
 
 
-@dataclass
+@settings(error=WalkerError)
 class WalkerState:
-    """Everything that changes during MD; JSON-exact."""
+    """Everything that changes during MD; JSON-exact, and checked when read back."""
 
     step: int
     numbers: list[int]
@@ -158,11 +156,14 @@ class WalkerState:
 
     @classmethod
     def from_json(cls, text: str) -> "WalkerState":
+        """The state :meth:`to_json` wrote; a missing or corrupt field is a one-line :class:`WalkerError`."""
         raw = json.loads(text)
-        missing = [f.name for f in fields(cls) if f.name not in raw and f.name not in ("rng", "integrator")]
-        if missing:
-            raise WalkerError(f"walker state lacks {', '.join(missing)}")
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        if not isinstance(raw, dict):
+            raise WalkerError(f"walker state = {raw!r} is not allowed; expected a JSON object")
+        try:  # keys of no field are left out, as they always were
+            return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        except WalkerError as exc:
+            raise WalkerError(f"walker state: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -293,15 +294,12 @@ class Walker:
                 return
 
 
-def _check_stages(name: str, stages: Any, symbol: str, unit: str, lowest: float) -> None:
+def _check_stages(name: str, stages: list[list[float]], symbol: str, unit: str, lowest: float) -> None:
+    """Each stage's length and values (their kind is checked already: lists of numbers)."""
     low = "" if lowest == -math.inf else f", {symbol} >= {lowest:g} {unit}"
     allowed = f"a list of stages [steps, {symbol}] or [steps, {symbol}_start, {symbol}_end], steps >= 1{low}"
-    if not isinstance(stages, (list, tuple)):
-        raise WalkerError(f"{name} = {stages!r}: must be {allowed}")
     for stage in stages:
-        ok = isinstance(stage, (list, tuple)) and len(stage) in (2, 3) and \
-            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stage)
-        if not ok or stage[0] < 1 or int(stage[0]) != stage[0] or min(stage[1:]) < lowest:
+        if len(stage) not in (2, 3) or stage[0] < 1 or int(stage[0]) != stage[0] or min(stage[1:]) < lowest:
             raise WalkerError(f"{name} stage {stage!r}: must be {allowed}")
 
 

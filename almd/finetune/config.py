@@ -1,4 +1,4 @@
-"""The fine-tuning settings: typed dataclasses, read from TOML.
+"""The fine-tuning settings: settings classes (pydantic dataclasses, :mod:`almd.settings`), read from TOML.
 
 An unknown key or a value of the wrong kind is an error that names the key,
 the value and what is allowed, before anything is loaded or trained.
@@ -6,40 +6,40 @@ the value and what is allowed, before anything is loaded or trained.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from almd.potentials.adapters import STRATEGIES
-from almd.settings import TomlSettings, bad
+from almd.settings import OneOrMore, TomlSettings, bad, settings
 
 __all__ = ["DataConfig", "FinetuneConfig", "LossConfig", "ModelConfig", "OptimConfig", "RunConfig"]
 
 
-@dataclass
+@settings
 class ModelConfig:
     name: str = "sevennet-0"  #: pretrained name or model file (see almd.potentials.load)
     strategy: str = "full"  #: one of almd.potentials.adapters.STRATEGIES
     lora_rank: int = 4
     lora_alpha: float = 0.0  #: 0 means alpha = rank (scale 1)
     lora_radial: bool = True  #: also adapt the convolutions' radial MLPs
-    freeze: list[str] = field(default_factory=list)  #: layer groups kept fixed
+    freeze: OneOrMore[str] = field(default_factory=list)  #: layer groups kept fixed
     dtype: str = "float32"
 
 
-@dataclass
+@settings
 class DataConfig:
     #: phonon data sets (phonopy/phono3py yaml or folder; or extxyz / ASE db frames with info['hessian'])
-    phonon: list[str] = field(default_factory=list)
+    phonon: OneOrMore[str] = field(default_factory=list)
     #: fold the phonopy data sets of ``phonon`` onto this supercell of their unit cell (3 ints,
     #: commensurate with the set's supercell): the model's Hessian of a small periodic cell
     #: against the folded DFT force constants. Empty: the data set's own supercell
-    phonon_fold: list[int] = field(default_factory=list)
+    phonon_fold: OneOrMore[int] = field(default_factory=list)
     #: energy/force/stress data (extxyz, ASE db, or a phonopy data set's displaced supercells)
-    efs: list[str] = field(default_factory=list)
+    efs: OneOrMore[str] = field(default_factory=list)
     #: phono3py data sets whose displaced supercells become third-order samples (label
     #: Φ3·u of the data's force constants against the model's odd Hessian part); training
     #: steps then alternate between the phonon structures and these
-    third_order: list[str] = field(default_factory=list)
-    validation: list[str] = field(default_factory=list)  #: explicit validation files (else a split)
+    third_order: OneOrMore[str] = field(default_factory=list)
+    validation: OneOrMore[str] = field(default_factory=list)  #: explicit validation files (else a split)
     validation_fraction: float = 0.1
     validation_columns: int = 3  #: fixed Hessian columns per validation phonon structure
     max_validation: int = 0  #: cap on validation EFS structures (0: no cap)
@@ -55,7 +55,7 @@ class DataConfig:
     shift_replay: bool = True
 
 
-@dataclass
+@settings
 class LossConfig:
     energy: float = -1.0  #: λ_E; negative means 0 with co-training and 20 without (PFT)
     forces: float = 20.0
@@ -72,7 +72,7 @@ class LossConfig:
     replay_stress: float = 50.0
 
 
-@dataclass
+@settings
 class OptimConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-3
@@ -87,7 +87,7 @@ class OptimConfig:
     delta_l2: float = -1.0
 
 
-@dataclass
+@settings
 class RunConfig:
     steps: int = 200  #: phonon (fine-tuning) steps
     batch_size: int = 1  #: phonon structures per step
@@ -105,7 +105,7 @@ class RunConfig:
     progress: bool = True
 
 
-@dataclass
+@settings
 class FinetuneConfig(TomlSettings):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
