@@ -23,7 +23,7 @@ from pydantic import BeforeValidator, ConfigDict, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_core import ArgsKwargs
 
-__all__ = ["SETTINGS_CONFIG", "ConfigError", "OneOrMore", "TomlSettings", "bad", "read_section", "settings"]
+__all__ = ["SETTINGS_CONFIG", "ConfigError", "OneOrMore", "TomlSettings", "bad", "read_section", "read_state", "settings"]
 
 #: the pydantic config of every settings class: unknown keys refused, and values of the hinted
 #: kind only (strict: no "5" for 5, no true for 1); an int given for a float becomes that float
@@ -148,6 +148,20 @@ def _dotted(prefix: str, loc: tuple[str | int, ...]) -> str:
     for part in loc:
         key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
     return key
+
+
+def read_state(cls: type, raw: Any, name: str, error: type[Exception] = ConfigError) -> Any:
+    """A saved state (a JSON object) → the settings class ``cls``, every field checked.
+
+    Keys of no field are left out (states written by other versions); a missing or corrupt
+    field is a one-line ``error`` under ``name`` ("walker state: positions[0][1] = ...").
+    """
+    if not isinstance(raw, dict):
+        raise error(f"{name} = {raw!r} is not allowed; expected a JSON object")
+    try:
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+    except error as exc:
+        raise error(f"{name}: {exc}") from None
 
 
 class TomlSettings:

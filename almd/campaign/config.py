@@ -103,13 +103,15 @@ class FinetuneSettings:
     """The campaign's backbone fine-tune (almd.finetune) on its own labels; see almd.campaign.finetune_round."""
 
     every: int = 10  #: fine-tune after every N new training labels (0: never; the heads are still refitted)
-    steps: int = 5  #: most fine-tune steps per round (warm-started from the last round's backbone)
+    steps: int = 100  #: most fine-tune steps per round (warm-started from the last round's backbone)
     strategy: str = "lora"  #: lora | delta | full | freeze (as almd finetune's model.strategy)
-    lr: float = 1e-3  #: 1e-4 (almd finetune's default) hardly moves LoRA in 5 steps
+    lr: float = 3e-3  #: LoRA's adapters start at zero: almd finetune's 1e-4 hardly moves them in a round
     freeze: OneOrMore[str] = field(default_factory=list)  #: layer groups kept fixed (strategy "freeze" needs some)
-    eval_every: int = 5  #: steps between validations on the held-out labels (the best one is kept)
-    patience: int = 0  #: validations without improvement before a round stops early (0: never)
-    budget: float = 0.0  #: s of wall time per round's training (0: none; the step count then depends on the machine)
+    eval_every: int = 10  #: steps between validations on the held-out labels (the best one is kept)
+    patience: int = 3  #: validations without improvement before a round stops early (0: never)
+    #: s of wall time per round's training (0: none); a round that reaches it ends there, so its
+    #: step count (and the run after it) then depends on the machine's speed
+    budget: float = 600.0
     replay: str = ""  #: "self": co-train on structures labelled by the round's start model (against forgetting)
     #: a round's cost stays bounded as labels accumulate: the rebuilt heads are fitted on the newest N
     #: training labels, and the calibration and the round's validation use the newest N held-out ones

@@ -1,16 +1,18 @@
 """The campaign's fine-tune round: labels → :class:`~almd.finetune.Finetuner` → new backbone → new ensemble.
 
 A round starts when ``finetune.every`` new training labels have arrived
-since the last one; under MPI every rank trains (data-parallel), rank 0 writes (``[finetune]`` in the campaign file). The backbone the
-walkers use is fine-tuned on every training label the campaign has learnt from
-(energies, forces, stress; Hessian columns for labels that carry a Hessian, and
-the phonon sets of ``finetune.config``), validated on its held-out labels, and
-written to ``OUTPUT/models/backbone-vN.pt`` (N: the model version it starts;
-atomic; the trainer's log.csv / log.json in ``OUTPUT/finetune/vN/``). The
-ensemble is then rebuilt on that file: heads fitted on the same training labels,
-calibration redone on the same held-out ones. Every rank loads the same file.
-The trainer keeps the best of its validations, the start included, so a round
-that would make the held-out loss worse leaves the weights as they were.
+since the last one; under MPI every rank trains (data-parallel), rank 0 writes (``[finetune]`` in
+the campaign file). The backbone the walkers use (the last round's: a warm start) is fine-tuned
+on every training label the campaign has learnt from (energies, forces, stress; Hessian columns
+for labels that carry a Hessian, the campaign's own phonon labels and the phonon sets of
+``finetune.config``), validated on its newest ``recent_labels`` held-out labels every
+``eval_every`` steps (``patience`` and ``budget`` may end it early), and written to
+``OUTPUT/models/backbone-vN.pt`` (N: the model version it starts; atomic; the trainer's
+log.csv / log.json in ``OUTPUT/finetune/vN/``). The ensemble is then rebuilt on that file:
+heads fitted on the newest ``recent_labels`` training labels, calibration redone on the same
+held-out ones, so the rebuild costs the same at 200 labels as at 50. Every rank loads the same
+file. The trainer keeps the best of its validations, the start included, so a round that
+would make the held-out loss worse leaves the weights as they were.
 
 "The labels the campaign has learnt from" are those its ensemble was fitted
 (and calibrated) on, not whatever the database holds: after a kill, the
@@ -69,7 +71,8 @@ def learnt_labels(database, ensemble, recent: int = 0) -> tuple[list[Atoms], lis
     held = {a.info["content_hash"]: a for a in database.validation_set()
             if a.info.get("content_hash") in ensemble.calibrated_keys}
     held_rows = sorted(held.values(), key=lambda a: a.info["row_id"])
-    return sorted(train.values(), key=lambda a: order[a.info["content_hash"]]), held_rows[-recent:] if recent else held_rows
+    learnt = sorted(train.values(), key=lambda a: order[a.info["content_hash"]])
+    return learnt, held_rows[-recent:] if recent else held_rows
 
 
 def train_backbone(config: CampaignConfig, backbone: str, version: int, output: Path, train: list[Atoms],
@@ -127,8 +130,8 @@ def finetune_round(config: CampaignConfig, database, ensemble, backbone: str, ve
     new.calibrated_keys |= ensemble.calibrated_keys  # older held-out labels stay learnt (never labelled again)
     new.version = ensemble.version + 1
     record = {"model_version": version, "backbone": str(path), "from": str(backbone), "train": len(train),
-              "held_out": len(held), "heads_on": len(new.designs), "steps": result.steps_done, "best_step": result.best_step,
-              "stopped": result.stop_reason,
+              "held_out": len(held), "heads_on": len(new.designs), "steps": result.steps_done,
+              "best_step": result.best_step, "stopped": result.stop_reason,
               "initial_validation": result.initial_validation, "best_validation": result.best_validation,
               "finetune_seconds": round(t1 - t0, 2), "refit_seconds": round(time.perf_counter() - t1, 2)}
     return path, new, record

@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Annotated, Any
 
@@ -50,7 +50,7 @@ import numpy as np
 from pydantic import BeforeValidator
 
 from almd.campaign.trigger_settings import DEFAULT_WINDOW, TriggerSettings
-from almd.settings import ConfigError, settings
+from almd.settings import ConfigError, read_state, settings
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -160,12 +160,7 @@ class TriggerState:
     @classmethod
     def read(cls, state: Any) -> "TriggerState":
         """The saved ``state``, every field checked; a missing or corrupt one is a one-line ConfigError."""
-        if not isinstance(state, dict):
-            raise ConfigError(f"trigger state = {state!r} is not allowed; expected a JSON object")
-        try:  # keys of no field are left out, as they always were
-            return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
-        except ConfigError as exc:
-            raise ConfigError(f"trigger state: {exc}") from None
+        return read_state(cls, state, "trigger state")
 
 
 class Trigger:

@@ -24,7 +24,7 @@ import json
 import math
 import os
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -47,7 +47,7 @@ from almd.campaign.dynamics import (
     set_pressure,
 )
 from almd.io import atomic_write
-from almd.settings import OneOrMore, settings
+from almd.settings import OneOrMore, read_state, settings
 
 __all__ = ["DYNAMICS", "Frame", "StepRecord", "Walker", "WalkerError", "WalkerSettings", "WalkerState"]
 
@@ -157,13 +157,7 @@ class WalkerState:
     @classmethod
     def from_json(cls, text: str) -> "WalkerState":
         """The state :meth:`to_json` wrote; a missing or corrupt field is a one-line :class:`WalkerError`."""
-        raw = json.loads(text)
-        if not isinstance(raw, dict):
-            raise WalkerError(f"walker state = {raw!r} is not allowed; expected a JSON object")
-        try:  # keys of no field are left out, as they always were
-            return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
-        except WalkerError as exc:
-            raise WalkerError(f"walker state: {exc}") from None
+        return read_state(cls, json.loads(text), "walker state", WalkerError)
 
 
 @dataclass(frozen=True)
