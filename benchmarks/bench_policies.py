@@ -19,7 +19,9 @@ Policies (all on the same calibrated per-frame score, RMS over atoms, eV/Å):
   every-n         every n-th step, n = steps / budget
   random          each step with probability budget / steps
 
-The curve of a run is rebuilt afterwards: its training labels are fitted again
+With ``--finetune N`` the campaign's fine-tune rounds are on (its [finetune]
+defaults, a round after every N training labels) and only the final model's
+held-out error is reported. Otherwise the curve of a run is rebuilt afterwards: its training labels are fitted again
 one by one, in the order the run made them (the run's own heads after each
 call), and scored on held-out frames it never saw: FLARE's 300 K frames
 (``../shared/peers/flare/heldout_sw_300K.xyz``) and frames of an independent
@@ -30,7 +32,7 @@ calls (the printed ratio). With ``--flare PYTHON`` (FLARE built with
 at 300 K and its calls and held-out error are printed beside them.
 
     python benchmarks/bench_policies.py [--steps 300] [--top 900] [--ramp 0] [--budget 20]
-        [--policies almd,per-frame,...] [--uncertainty-every 2] [--flare DIR/venv/bin/python]
+        [--policies almd,per-frame,...] [--uncertainty-every 2] [--finetune 0] [--flare DIR/venv/bin/python]
         [--out bench-out/policies]
 """
 
@@ -106,7 +108,7 @@ def campaign_config(name: str, args: argparse.Namespace, out: Path) -> CampaignC
     cfg = CampaignConfig.from_dict({
         "system": {"structure": "si", "supercell": [2, 2, 2]}, "md": md,
         "model": {"uncertainty_every": args.uncertainty_every},
-        "learning": {"phonons": False, "test_frames": 0}, "finetune": {"every": 0},
+        "learning": {"phonons": False, "test_frames": 0}, "finetune": {"every": args.finetune},
         "run": {"steps": args.steps, "output": str(out), "progress": False, "checkpoint_every": args.steps}})
     return replace(cfg, trigger=TriggerSettings(**trigger))
 
@@ -192,7 +194,15 @@ def run_policy(name: str, args: argparse.Namespace, sets: dict[str, list]) -> di
     summary = json.loads((out / "summary.json").read_text())
     calls = summary["oracle_calls"]
     made = calls["total"] - calls["bootstrap"]
-    curve = learning_curve(out, sets, args.points)
+    if args.finetune:  # the backbone moved: the run's own final ensemble, no curve rebuilt on SevenNet-0
+        from almd.uncertainty import Ensemble
+
+        state = json.loads((out / "campaign.json").read_text())
+        final = Ensemble.load(out / state["ensemble"])
+        curve = [{"calls": made, **{key: rmse(final, frames) for key, frames in sets.items()}}]
+        name = f"{name}+finetune"
+    else:
+        curve = learning_curve(out, sets, args.points)
     return {"policy": name, "calls": made, "converged": result.converged, "wall_s": round(wall, 1),
             "final": curve[-1], "curve": curve}
 
@@ -233,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--uncertainty-every", type=int, default=2,
                    help="the member spread (the score) on every n-th step (the campaign's default: 2)")
+    p.add_argument("--finetune", type=int, default=0,
+                   help="the campaign's fine-tune round after every N training labels (0: off, the heads alone); "
+                        "then only the final model's error is reported")
     p.add_argument("--flare", help="FLARE's python (build.sh DIR → DIR/venv/bin/python); skipped without it")
     p.add_argument("--out", default="bench-out/policies")
     args = p.parse_args(argv)

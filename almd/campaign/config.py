@@ -116,7 +116,7 @@ class FinetuneSettings:
     #: a round's cost stays bounded as labels accumulate: the rebuilt heads are fitted on the newest N
     #: training labels, and the calibration and the round's validation use the newest N held-out ones
     #: (the backbone itself trains on every label: its cost per step does not grow); 0: all
-    recent_labels: int = 48
+    recent_labels: int = 32
     #: an `almd finetune` TOML whose [model] (LoRA rank, …), [loss], [optim], [run] batch settings and
     #: [data] phonon / third-order / replay sets are used; the campaign gives the backbone, its labels
     #: (training and validation), steps, strategy, lr and seed

@@ -249,7 +249,10 @@ def fit_energy_shifts(potential: Potential, samples: list[Sample], dtype: torch.
     labelled = [s for s in samples if s.energy is not None]
     if not labelled:
         return {}
-    model = np.array([r["energy"].sum() for r in model_labels(potential, [s.atoms for s in labelled], dtype)])
+    with torch.no_grad():  # energies alone: no backward pass
+        model = np.array([float(energy_forces_stress(potential, build_graph(s.atoms, potential.cutoff, dtype),
+                                                     forces=False, stress=False)["energy"].sum())
+                          for s in labelled])
     return composition_shifts([s.atoms.numbers for s in labelled], np.array([s.energy for s in labelled]) - model)
 
 

@@ -61,6 +61,16 @@ def counted_efs_terms(potential: Potential, samples: list[Sample], dtype: torch.
     return _efs_from(out, samples, dtype, huber, want_stress)
 
 
+def efs_validation(potential: Potential, sample: Sample,
+                   dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """:func:`efs_terms` of one sample (MAE form, no parameter graph) and the model's forces on it
+    (n, 3), from the one forward and backward.
+    """
+    want_stress = wants_stress([sample])
+    out = energy_forces_stress(potential, _graph(potential, [sample], dtype), forces=True, stress=want_stress)
+    return _efs_from(out, [sample], dtype, None, want_stress)[0], out["forces"].detach().double().numpy()
+
+
 def wants_stress(samples: list[Sample]) -> bool:
     """Whether a batch has a stress term: some sample carries a stress label and every cell is periodic."""
     return any(s.stress is not None for s in samples) and all(s.atoms.pbc.all() for s in samples)

@@ -344,21 +344,15 @@ class Finetuner:
 
     def _validation_term(self, s: Sample, column: int | None) -> tuple[float, str, float]:
         """(weighted loss, kind, MAE) of one validation structure, on one Hessian column or on its EFS labels."""
-        if column is None:
-            v, _ = self.finetune_loss([], [s], [], create_graph=False)
-            return float(v.detach()), "forces", self._force_mae(s)
         w = self.weights()
+        if column is None:  # the loss of finetune_loss's EFS terms and the force MAE, from one model call
+            terms, forces = losses.efs_validation(self.potential, s, self.dtype)
+            loss = sum(w[k] * float(v.detach()) for k, v in terms.items() if w[k] > 0)
+            return loss, "forces", float(np.abs(forces - s.forces).mean()) if s.forces is not None else float("nan")
         # the column error is reported even when λ_Φ = 0 (EFS-only fine-tuning)
         terms = losses.pft_terms(self.potential, [s], [column], self.dtype, create_graph=False)
         kind = "hessian" if "hessian" in terms else "third_order"
         return sum(w[k] * float(v.detach()) for k, v in terms.items() if w[k] > 0), kind, float(terms[kind].detach())
-
-    def _force_mae(self, s: Sample) -> float:
-        if s.forces is None:
-            return float("nan")
-        graph = losses._graph(self.potential, [s], self.dtype)
-        f = potentials.energy_forces_stress(self.potential, graph, stress=False)["forces"].detach().double().numpy()
-        return float(np.abs(f - s.forces).mean())
 
     # ------------------------------------------------------------ checkpoints
     @property
