@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 
-# Two cores are shared by everything in CI; keep torch and BLAS from oversubscribing.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Two cores are shared by everything in CI; keep torch and BLAS from oversubscribing:
+# one thread per xdist worker (two workers, setup.cfg), two for a plain serial run.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DFT = ROOT.parent / "shared" / "data" / "dft"
