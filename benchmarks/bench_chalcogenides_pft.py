@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     history = trainer.history
     plain = [h["seconds"] for h in history if "val_loss" not in h]
     val_s = [h["val_seconds"] for h in history if "val_seconds" in h]
-    drawn = [h["drawn"][0].split(":")[0] for h in history]  # batch_size 1: the step's phonon supercell first
+    # batch_size 1: the step's phonon supercell first (steps of checkpoints older than the record: None)
+    drawn = [h["drawn"][0].split(":")[0] if h.get("drawn") else None for h in history]
     by_material = {n: [h["seconds"] for h, d in zip(history, drawn) if d == n and "val_loss" not in h] for n in names}
     summary["training"] = {
         "steps_done": trainer.step, "best_step": trainer.best["step"], "lr": args.lr,

@@ -142,8 +142,9 @@ def test_bad_finetune_settings_name_the_key(tmp_path):
         CampaignConfig.from_dict({"finetune": {"config": str(tmp_path / "missing.toml")}})
     with pytest.raises(ConfigError, match="finetune.replay = 'others'.*'self'"):
         CampaignConfig.from_dict({"finetune": {"replay": "others"}})
-    with pytest.raises(ConfigError, match="finetune.recent_labels = -2 .*>= 0"):
-        CampaignConfig.from_dict({"finetune": {"recent_labels": -2}})
+    for n in (-2, 2):
+        with pytest.raises(ConfigError, match=f"finetune.recent_labels = {n} .*0 \\(all\\) or >= 4"):
+            CampaignConfig.from_dict({"finetune": {"recent_labels": n}})
     (tmp_path / "ft.toml").write_text("[optim]\nlearning_rate = 0.1\n")
     with pytest.raises(ConfigError, match="finetune.config.*unknown key 'optim.learning_rate'"):
         CampaignConfig.from_dict({"finetune": {"config": str(tmp_path / "ft.toml")}})
@@ -163,7 +164,7 @@ def test_a_finetune_file_gives_the_settings_and_the_campaign_the_rest(tmp_path):
 
 def test_a_round_fits_the_heads_on_the_newest_labels_and_keeps_every_label_learnt(tmp_path):
     """recent_labels bounds the rebuild; the backbone still trains on every label, and the next
-    round still sees them all (trained_keys), resumed from the ensemble file as well.
+    round still sees them all (trained_keys), in learning order, resumed from the ensemble file too.
     """
     from ase.build import bulk
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -174,24 +175,38 @@ def test_a_round_fits_the_heads_on_the_newest_labels_and_keeps_every_label_learn
     from almd.uncertainty import Ensemble
 
     frames = []
-    for seed in range(8):
+    for seed in range(11):
         a = bulk("Si", "diamond", a=5.431, cubic=True)
         a.rattle(0.05, seed=seed)
         a.calc = build_calculator("stillinger-weber-si")
         a.calc = SinglePointCalculator(a, energy=a.get_potential_energy(), forces=a.get_forces())
         frames.append(a)
     db = LabelDatabase(tmp_path / "labels.db")
-    db.add_frames(frames[:5], split="train")
-    db.add_frames(frames[5:], split="validation")
+    db.add_frames(frames[:6], split="train")
+    db.add_frames(frames[6:], split="validation")
     ens = Ensemble("sevennet-0", k=2, rank=4, score="rms")
     ens.fit(db.training_set())
-    ens.calibrate(db.validation_set())
-    cfg = CampaignConfig.from_dict({"finetune": {"steps": 1, "recent_labels": 2}, "learning": {"phonons": False}})
+    held = db.validation_set()
+    ens.calibrate(held[::-1])  # learnt in another order than stored: the order that counts
+    cfg = CampaignConfig.from_dict({"finetune": {"steps": 1, "recent_labels": 4}, "learning": {"phonons": False}})
     path, new, record = finetune_round(cfg, db, ens, "sevennet-0", 1, tmp_path)
-    assert (record["train"], record["heads_on"], record["held_out"], record["stopped"]) == (5, 2, 2, "steps")
-    newest = [a.info["content_hash"] for a in db.training_set()][-2:]
+    assert (record["train"], record["heads_on"], record["held_out"], record["stopped"]) == (6, 4, 4, "steps")
+    newest = [a.info["content_hash"] for a in db.training_set()][-4:]
     assert [d.key for d in new.designs] == newest and new.trained_keys == ens.trained_keys
     assert new.calibrated_keys == ens.calibrated_keys  # the oldest held-out label is still known
     again = Ensemble.load(new.save(tmp_path / "ensemble.pt"))
-    train, held = learnt_labels(db, again, recent=2)
-    assert len(train) == 5 and [a.info["row_id"] for a in held] == [7, 8]
+    train, held_out = learnt_labels(db, again, recent=4)
+    assert len(train) == 6 and [a.info["row_id"] for a in held_out] == [10, 9, 8, 7]
+
+
+def test_the_bounded_heads_keep_every_element():
+    """The newest labels may all lack an element the ensemble knows: the newest label with it joins them."""
+    from ase import Atoms
+
+    from almd.campaign.finetune_round import heads_subset
+
+    labels = [Atoms("SiC", positions=[[0, 0, 0], [1, 1, 1]])] + [Atoms("Si2", positions=[[0, 0, 0], [1, 1, 1]])
+                                                                for _ in range(5)]
+    chosen = heads_subset(labels, 4)
+    assert chosen[0] is labels[0] and chosen[1:] == labels[-4:]
+    assert heads_subset(labels, 0) == labels and heads_subset(labels[1:], 4) == labels[-4:]

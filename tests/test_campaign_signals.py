@@ -222,7 +222,7 @@ def test_the_run_summary_adds_up_and_is_rebuilt_from_the_folder_alone(uninterrup
 
 # ---------------------------------------------------------------- kill -9 in the middle of the work
 
-FINETUNE = {"every": 2, "steps": 2, "strategy": "lora", "lr": 1e-3}
+FINETUNE = {"every": 2, "steps": 2, "strategy": "lora", "lr": 1e-3, "recent_labels": 4}  # bounded rebuilds too
 
 
 def run_to_end(toml: Path) -> None:

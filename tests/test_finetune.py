@@ -123,6 +123,9 @@ def test_a_wall_time_budget_stops_the_fit_after_the_step_that_crosses_it(base, s
     # what a benchmark reads off each step: the structures drawn, the validation's cost
     assert seen == result.history and seen[0]["drawn"] == [trainer.phonon[0].name]
     assert 0 < seen[0]["val_seconds"] < seen[0]["seconds"]
+    resumed = Finetuner(config(tmp_path, run={"steps": 4, "eval_every": 4, "budget": 1e-9}),
+                        potential=copy.deepcopy(base), phonon=[si2_target]).fit(resume=True, save_model=False)
+    assert (resumed.steps_done, resumed.stop_reason) == (1, "budget")  # a budget stop stays stopped
     unbounded = Finetuner(config(tmp_path / "b", run={"steps": 2}), potential=copy.deepcopy(base),
                           phonon=[si2_target]).fit(save_model=False)
     assert (unbounded.steps_done, unbounded.stop_reason) == (2, "steps")

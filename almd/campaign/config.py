@@ -98,6 +98,10 @@ class RunConfig:
     trajectory_every: int = 10  #: steps between frames of OUTPUT/trajectory-<walker>.extxyz (0: none)
 
 
+#: the fewest labels a bounded rebuild fits the heads on (fewer: bootstrap members alike, no spread)
+MIN_RECENT_LABELS = 4
+
+
 @settings
 class FinetuneSettings:
     """The campaign's backbone fine-tune (almd.finetune) on its own labels; see almd.campaign.finetune_round."""
@@ -109,10 +113,12 @@ class FinetuneSettings:
     freeze: OneOrMore[str] = field(default_factory=list)  #: layer groups kept fixed (strategy "freeze" needs some)
     eval_every: int = 10  #: steps between validations on the held-out labels (the best one is kept)
     patience: int = 3  #: validations without improvement before a round stops early (0: never)
-    #: s of wall time per round's training (0: none); a round that reaches it ends there, so its
-    #: step count (and the run after it) then depends on the machine's speed
-    budget: float = 600.0
-    replay: str = ""  #: "self": co-train on structures labelled by the round's start model (against forgetting)
+    #: s of wall time per round's training (0: none). A round that reaches it ends there, so its
+    #: step count, and the run after it, then depend on the machine's speed: no bit-for-bit resume
+    budget: float = 0.0
+    #: "self": co-train on structures labelled by the round's start model (against forgetting); as
+    #: in PFT, the energy weight is then 0 unless an `almd finetune` file (config) sets loss.energy
+    replay: str = ""
     #: a round's cost stays bounded as labels accumulate: the rebuilt heads are fitted on the newest N
     #: training labels, and the calibration and the round's validation use the newest N held-out ones
     #: (the backbone itself trains on every label: its cost per step does not grow); 0: all
@@ -208,9 +214,11 @@ class CampaignConfig(TomlSettings):
             raise bad("finetune.strategy", ft.strategy, f"allowed: {', '.join(FINETUNE_STRATEGIES)}")
         if not ft.lr > 0:
             raise bad("finetune.lr", ft.lr, "must be > 0")
-        for key, low in (("eval_every", 1), ("patience", 0), ("budget", 0), ("recent_labels", 0)):
+        for key, low in (("eval_every", 1), ("patience", 0), ("budget", 0)):
             if getattr(ft, key) < low:
                 raise bad(f"finetune.{key}", getattr(ft, key), f"must be >= {low}")
+        if ft.recent_labels < 0 or 0 < ft.recent_labels < MIN_RECENT_LABELS:  # members alike: no spread
+            raise bad("finetune.recent_labels", ft.recent_labels, f"0 (all) or >= {MIN_RECENT_LABELS}")
         if ft.replay not in ("", "self"):
             raise bad("finetune.replay", ft.replay, "allowed: '' (none) or 'self' (self-distilled structures)")
         freeze = ft.freeze

@@ -33,7 +33,7 @@ from ase import Atoms
 from almd.campaign.config import CampaignConfig
 from almd.campaign.phonon_labels import PHONON_FILE
 
-__all__ = ["finetune_config", "finetune_round", "learnt_labels", "train_backbone"]
+__all__ = ["finetune_config", "finetune_round", "heads_subset", "learnt_labels", "train_backbone"]
 
 
 def finetune_config(config: CampaignConfig, backbone: str, workdir: Path, seed: int):
@@ -60,19 +60,36 @@ def finetune_config(config: CampaignConfig, backbone: str, workdir: Path, seed: 
 
 
 def learnt_labels(database, ensemble, recent: int = 0) -> tuple[list[Atoms], list[Atoms]]:
-    """(training, held-out) labels of ``database`` the ensemble's model was made from.
-
-    Training labels in the order they were learnt (the bootstrap draws depend on it),
-    held-out ones in the order they were stored (database rows survive a restart).
+    """(training, held-out) labels of ``database`` the ensemble's model was made from, each in
+    the order they were learnt (the bootstrap draws depend on it; under MPI the database's rows
+    are in the order the reference finished them, which a rerun need not repeat).
     ``recent`` > 0 keeps only the newest that many held-out labels.
     """
     order = {key: i for i, key in enumerate(ensemble.trained_keys)}
+    seen = {key: i for i, key in enumerate(ensemble.calibrated_order)}
     train = {a.info["content_hash"]: a for a in database.training_set() if a.info.get("content_hash") in order}
     held = {a.info["content_hash"]: a for a in database.validation_set()
             if a.info.get("content_hash") in ensemble.calibrated_keys}
-    held_rows = sorted(held.values(), key=lambda a: a.info["row_id"])
     learnt = sorted(train.values(), key=lambda a: order[a.info["content_hash"]])
-    return learnt, held_rows[-recent:] if recent else held_rows
+    held_out = sorted(held.values(), key=lambda a: (seen.get(a.info["content_hash"], len(seen)),
+                                                    a.info["content_hash"]))
+    return learnt, held_out[-recent:] if recent else held_out
+
+
+def heads_subset(train: list[Atoms], recent: int) -> list[Atoms]:
+    """The newest ``recent`` training labels (all for 0), plus the newest label of each element
+    they lack: the rebuilt heads must keep every species the ensemble has learnt.
+    """
+    if not recent or len(train) <= recent:
+        return list(train)
+    chosen = train[-recent:]
+    missing = {int(z) for a in train for z in a.numbers} - {int(z) for a in chosen for z in a.numbers}
+    extra = []
+    for a in reversed(train[:-recent]):
+        if missing & {int(z) for z in a.numbers}:
+            extra.append(a)
+            missing -= {int(z) for z in a.numbers}
+    return extra[::-1] + chosen
 
 
 def train_backbone(config: CampaignConfig, backbone: str, version: int, output: Path, train: list[Atoms],
@@ -95,7 +112,7 @@ def train_backbone(config: CampaignConfig, backbone: str, version: int, output: 
     efs = [a for a in train if "hessian" not in a.info]
     # no held-out labels (validation_fraction 0, no initial calibration): validate on the training ones;
     # the trainer then only refuses a round that makes the training loss worse
-    trainer = Finetuner(cfg, potential=backbone, phonon=phonon, efs=efs, validation=held or train, comm=comm)
+    trainer = Finetuner(cfg, potential=backbone, phonon=phonon, efs=efs, validation=held or train[-config.finetune.recent_labels:], comm=comm)
     return trainer, trainer.fit(save_model=False)
 
 
@@ -123,11 +140,13 @@ def finetune_round(config: CampaignConfig, database, ensemble, backbone: str, ve
     calibration = Calibration.from_state_dict(ensemble.calibration.state_dict())  # same settings, data reset
     new = Ensemble(path, k=ensemble.k, seed=ensemble.seed, rank=ensemble.rank, score=ensemble.score,
                    calibration=calibration)
-    new.trained_keys = list(ensemble.trained_keys)  # the backbone learnt them all; the heads see the newest
-    new.fit(train[-recent:] if recent else train, append=False)
+    new.fit(heads_subset(train, recent), append=False)
+    new.trained_keys = list(ensemble.trained_keys)  # the backbone learnt them all; the heads the newest
     if held:
         new.calibrate(held, reset=True)
-    new.calibrated_keys |= ensemble.calibrated_keys  # older held-out labels stay learnt (never labelled again)
+    # older held-out labels stay learnt (never labelled again), in their order
+    new.calibrated_keys |= ensemble.calibrated_keys
+    new.calibrated_order = list(ensemble.calibrated_order)
     new.version = ensemble.version + 1
     record = {"model_version": version, "backbone": str(path), "from": str(backbone), "train": len(train),
               "held_out": len(held), "heads_on": len(new.designs), "steps": result.steps_done,

@@ -113,7 +113,8 @@ class OnTheFlyCalculator(AseCalculator):
         i.e. calls of this calculator; the window defaults to 100 of them.
     finetune
         Further :class:`~almd.campaign.config.FinetuneSettings` fields (``steps``, ``strategy``, ``lr``,
-        ``freeze``, ``config``); ``every`` is ``finetune_every``.
+        ``freeze``, ``eval_every``, ``patience``, ``budget``, ``replay``, ``recent_labels``,
+        ``config``); ``every`` is ``finetune_every``.
     initial_labels, initial_calibration, initial_rattle
         The first step labels its geometry and ``initial_labels + initial_calibration - 1`` copies
         rattled by ``initial_rattle`` Å: the first ``initial_labels`` for training, the rest held out

@@ -19,7 +19,8 @@ from almd.potentials import (
     energy_forces_stress_hvp,
 )
 
-__all__ = ["counted_efs_terms", "counted_pft_terms", "efs_terms", "hessian_term", "pft_terms", "wants_stress"]
+__all__ = ["counted_efs_terms", "counted_pft_terms", "efs_terms", "efs_validation", "hessian_term", "pft_terms",
+           "wants_stress"]
 
 
 def _graph(potential: Potential, samples: list[Sample], dtype: torch.dtype, mirrors: list[Sample] = ()):

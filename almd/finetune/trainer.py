@@ -59,7 +59,7 @@ class FinetuneResult:
     best_step: int
     best_val_loss: float
     steps_done: int
-    stopped_early: bool
+    stopped_early: bool  #: before run.steps: by early stopping or by the budget (see stop_reason)
     initial_validation: dict[str, float]
     best_validation: dict[str, float]
     energy_shifts: dict[int, float] = field(default_factory=dict)
@@ -214,6 +214,7 @@ class Finetuner:
         self.optimizer = torch.optim.AdamW(list(self.named_trainable.values()), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
         self.ema = EMA(self.named_trainable, cfg.optim.ema)
+        self.stop_reason = "steps"  #: why fit() stopped: "steps", "patience" or "budget" (kept in the checkpoint)
         self.rng = np.random.default_rng(cfg.run.seed)
         # replay draws from its own stream, so runs with and without co-training see the
         # same fine-tuning batches (a fair comparison of the two)
@@ -369,6 +370,7 @@ class Finetuner:
             "replay_rng": self.replay_rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
             "history": self.history, "best": self.best, "bad_evals": self.bad_evals,
             "initial_validation": self.initial_validation, "config": self.config.to_dict(),
+            "stop_reason": self.stop_reason,
         }, path)
         return path
 
@@ -382,6 +384,7 @@ class Finetuner:
         torch.set_rng_state(state["torch_rng"])
         self.step, self.history, self.best = state["step"], state["history"], state["best"]
         self.bad_evals, self.initial_validation = state["bad_evals"], state["initial_validation"]
+        self.stop_reason = state.get("stop_reason", "steps")  # older checkpoints: not stopped by a budget
 
     def _write_logs(self) -> None:
         if not self.writes:
@@ -411,9 +414,9 @@ class Finetuner:
         if self.step == 0 and not self.initial_validation:
             self.initial_validation = self.validate()
             self._consider(self.initial_validation)
-        # a run that already stopped early stays stopped when resumed
-        stopped = 0 < run.patience <= self.bad_evals
-        reason = "patience" if stopped else "steps"
+        # a run that already stopped early (patience or budget) stays stopped when resumed
+        stopped = 0 < run.patience <= self.bad_evals or self.stop_reason == "budget"
+        reason = "patience" if 0 < run.patience <= self.bad_evals else self.stop_reason
         start = time.perf_counter()
         bar = tqdm(total=run.steps, initial=self.step, disable=not run.progress, desc="finetune", unit="step")
         try:
@@ -429,6 +432,7 @@ class Finetuner:
                     reason = "patience" if stopped else reason
                 if over and not stopped:
                     stopped, reason = True, "budget"
+                self.stop_reason = reason
                 record["seconds"] = time.perf_counter() - t0
                 self.history.append(record)
                 if on_step is not None:

@@ -143,6 +143,8 @@ class Ensemble(Potential):
         self.calibration = calibration or Calibration()
         self.version = 0  # bumped by every fit, for provenance
         self.calibrated_keys: set[str] = set()
+        # the held-out labels in the order they were learnt (calibrated on), here and before a rebuild
+        self.calibrated_order: list[str] = []
         # every training label the model was made from, in order: the heads' designs and, in an
         # ensemble rebuilt on a fine-tuned backbone, the labels of its fine-tune rounds
         self.trained_keys: list[str] = []
@@ -256,7 +258,7 @@ class Ensemble(Potential):
         """
         frames = _labelled(frames, "training_set")
         if not append:
-            self.designs = []
+            self.designs, self.trained_keys = [], []
         seen = {d.key for d in self.designs}
         frames = [a for a in frames if _frame_key(a) not in seen]
         if not self.designs:
@@ -336,14 +338,15 @@ class Ensemble(Potential):
         """
         if reset:
             self.calibration.reset()
-            self.calibrated_keys = set()
-        used = self.calibrated_keys | {d.key for d in self.designs}
+            self.calibrated_keys, self.calibrated_order = set(), []
+        used = self.calibrated_keys | {d.key for d in self.designs} | set(self.trained_keys)
         for atoms in _labelled(frames, "validation_set"):
             key = _frame_key(atoms)
             if key in used:
                 continue
             used.add(key)
             self.calibrated_keys.add(key)
+            self.calibrated_order.append(key)
             pred = self.predict(atoms)
             errors = np.asarray(atoms.get_forces(), float) - pred["forces"]
             self.calibration.update(errors, pred["forces_std_raw"][:, None], pred["uncertainty_raw"], forces=pred["forces"])
@@ -356,7 +359,8 @@ class Ensemble(Potential):
                 "weights": self.weights.cpu(), "shifts": self.shifts.cpu(), "directions": self.directions.cpu(),
                 "fit_species": self.fit_species, "designs": [vars(d) for d in self.designs],
                 "calibration": self.calibration.state_dict(), "version": self.version,
-                "calibrated_keys": sorted(self.calibrated_keys), "trained_keys": list(self.trained_keys)}
+                "calibrated_keys": sorted(self.calibrated_keys), "trained_keys": list(self.trained_keys),
+                "calibrated_order": list(self.calibrated_order)}
 
     def head_state(self) -> dict:
         """What a refit changes (heads, subspace, calibration): another process with the same
@@ -394,6 +398,7 @@ class Ensemble(Potential):
         ens.version = payload["version"]
         ens.calibrated_keys = set(payload["calibrated_keys"])
         ens.trained_keys = list(payload.get("trained_keys", [d.key for d in ens.designs]))  # older files: the designs
+        ens.calibrated_order = list(payload.get("calibrated_order", sorted(ens.calibrated_keys)))
         return ens
 
 
