@@ -41,6 +41,7 @@ from ase import Atoms
 
 from almd.campaign.config import CampaignConfig
 from almd.campaign.finetune_round import finetune_round
+from almd.campaign.outcome import force_rmse
 from almd.campaign.phonon_labels import phonon_labels
 from almd.labels.database import LabelDatabase
 from almd.references import build_calculator
@@ -100,17 +101,11 @@ def sw_label(cells: list[Atoms]) -> list[Atoms]:
     return out
 
 
-def rmse(ensemble: Ensemble, frames: list[Atoms]) -> float:
-    err = np.concatenate([np.asarray(a.get_forces()) - ensemble.predict(a)["forces"] for a in frames])
-    return float(np.sqrt((err**2).mean()))
-
-
 def backbone_rmse(model: str | Path, frames: list[Atoms]) -> float:
     from almd.potentials.calculator import Calculator
 
     calc = Calculator(model=str(model))
-    err = np.concatenate([np.asarray(a.get_forces()) - calc.get_forces(a.copy()) for a in frames])
-    return float(np.sqrt((err**2).mean()))
+    return force_rmse(lambda a: {"forces": calc.get_forces(a)}, frames)
 
 
 def run_round(name: str, n: int, args: argparse.Namespace, folder: Path, db: LabelDatabase, ensemble: Ensemble,
@@ -124,7 +119,7 @@ def run_round(name: str, n: int, args: argparse.Namespace, folder: Path, db: Lab
     t0 = time.perf_counter()
     path, new, record = finetune_round(config, db, ensemble, "sevennet-0", 1, out)
     record.update({"variant": name, "labels": n, "round_seconds": round(time.perf_counter() - t0, 1),
-                   "test_rmse_after": rmse(new, test), "backbone_rmse": backbone_rmse(path, test)})
+                   "test_rmse_after": force_rmse(new.predict, test), "backbone_rmse": backbone_rmse(path, test)})
     return record
 
 
@@ -154,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         ensemble.fit(db.training_set())
         ensemble.calibrate(db.validation_set())
         setup = time.perf_counter() - t0
-        before = rmse(ensemble, test)
+        before = force_rmse(ensemble.predict, test)
         print(f"{n} labels: ensemble fitted and calibrated in {setup:.1f} s; test RMSE before the round "
               f"{before:.4f} eV/Å", flush=True)
         for name in args.variants.split(","):

@@ -415,8 +415,9 @@ class Finetuner:
             self.initial_validation = self.validate()
             self._consider(self.initial_validation)
         # a run that already stopped early (patience or budget) stays stopped when resumed
-        stopped = 0 < run.patience <= self.bad_evals or self.stop_reason == "budget"
-        reason = "patience" if 0 < run.patience <= self.bad_evals else self.stop_reason
+        if 0 < run.patience <= self.bad_evals:
+            self.stop_reason = "patience"
+        stopped = self.stop_reason != "steps"
         start = time.perf_counter()
         bar = tqdm(total=run.steps, initial=self.step, disable=not run.progress, desc="finetune", unit="step")
         try:
@@ -429,10 +430,9 @@ class Finetuner:
                     metrics = self.validate()
                     record.update(metrics, val_seconds=time.perf_counter() - t_val)
                     stopped = self._consider(metrics)
-                    reason = "patience" if stopped else reason
+                    self.stop_reason = "patience" if stopped else self.stop_reason
                 if over and not stopped:
-                    stopped, reason = True, "budget"
-                self.stop_reason = reason
+                    stopped, self.stop_reason = True, "budget"
                 record["seconds"] = time.perf_counter() - t0
                 self.history.append(record)
                 if on_step is not None:
@@ -455,7 +455,7 @@ class Finetuner:
         model_path = self.export(self.output / "model.pt") if save_model and self.writes else None
         return FinetuneResult(model_path, self.best["step"], self.best["loss"], self.step, stopped,
                               self.initial_validation, self.best["metrics"], self.energy_shifts, self.history,
-                              reason)
+                              self.stop_reason)
 
     def _over_budget(self, start: float) -> bool:
         """Whether ``run.budget`` seconds have passed since ``start``; under MPI rank 0's clock decides for all."""
