@@ -385,3 +385,31 @@ def test_select_frames_accepts_atoms():
     c = a.copy()
     c.positions[1] += 0.301
     assert select_frames([0.2, 0.3, 0.1], [a, b, c], max_frames=2, min_distance=0.01) == [1, 0]
+
+
+def test_the_subblock_test_decides_convergence_and_a_failed_one_calls():
+    s = TriggerSettings(window=20, target=0.1, subblock_target=0.01, converge_windows=2, adaptive=False,
+                        audit_every=0, min_spacing=5)
+    trig, step = Trigger(s), 0
+
+    def quiet(n: int) -> list:
+        nonlocal step
+        out = []
+        for _ in range(n):
+            step += 1
+            out.append(trig.update(step, 0.05))
+        return out
+
+    quiet(60)  # the windows are quiet: only the sub-block test stands in the way
+    assert trig.wants_subblock_test and not trig.converged
+    assert trig.record_subblock_error(0.02) is False  # above its target: the next step calls
+    assert not trig.wants_subblock_test
+    decisions = quiet(1)
+    assert decisions[0].action is Action.LABEL and decisions[0].reasons == ("subblock",)
+    assert math.isnan(trig.subblock_error)  # the call refitted the model: the record is stale
+    assert not trig.wants_subblock_test  # the windows start again after a call
+    quiet(60)
+    assert trig.wants_subblock_test
+    assert trig.record_subblock_error(0.005) is True and trig.converged
+    restored = Trigger.from_json(trig.to_json())
+    assert restored.converged and restored.subblock_error == 0.005 and not restored.wants_subblock_test

@@ -34,7 +34,7 @@ from almd.settings import ConfigError, OneOrMore, TomlSettings, bad, read_sectio
 if TYPE_CHECKING:
     from ase import Atoms
 
-__all__ = ["starting_structure", "unit_structure", "builtin_campaign",
+__all__ = ["starting_structure", "unit_structure", "ideal_supercell", "builtin_campaign", "MODEL_KINDS",
     "BUILTIN_STRUCTURES", "CampaignConfig", "FINETUNE_STRATEGIES", "FinetuneSettings", "LearningConfig",
     "ModelConfig", "ReferenceConfig", "RunConfig", "SystemConfig",
 ]
@@ -52,14 +52,30 @@ class SystemConfig:
     rattle: float = 0.0  #: Å, Gaussian displacement of the starting structure
 
 
+#: the models a campaign can learn (see ModelConfig.kind)
+MODEL_KINDS = ("ensemble", "lattice-dynamics")
+
+
 @settings
 class ModelConfig:
-    backbone: str = "sevennet-0"  #: pretrained name or model file (almd.potentials.load)
+    #: "ensemble": heads on a fine-tuned backbone (almd.uncertainty.ensemble); "lattice-dynamics": the
+    #: Bayesian force-constant expansion of the campaign's supercell (almd.uncertainty.lattice_dynamics)
+    kind: str = "ensemble"
+    #: pretrained name or model file (almd.potentials.load); with "lattice-dynamics" only the
+    #: held-out comparison ("base") uses it
+    backbone: str = "sevennet-0"
     members: int = 4  #: ensemble size K
     #: per-frame score over atoms: rms (default: the calibrated force RMSE a target is stated in) | mean | max
     score: str = "rms"
     uncertainty_every: int = 2  #: evaluate the member spread on every n-th MD step (the trigger scores those)
     dtype: str = "float32"
+    #: lattice-dynamics: cluster cutoffs (Å) of orders 2, 3, … (hiphive's ClusterSpace)
+    cutoffs: OneOrMore[float] = field(default_factory=lambda: [5.0, 4.0])
+    #: lattice-dynamics: the larger supercell (repeats of the unit cell) whose MD, run with the model
+    #: itself, gives the sub-block errors of the convergence test (trigger.subblock_target)
+    subblock_supercell: OneOrMore[int] = field(default_factory=lambda: [3, 3, 3])
+    subblock_steps: int = 200  #: MD steps of that test, at the walker's temperature (no reference call)
+    subblock_frames: int = 8  #: frames of it whose sub-blocks are scored
 
 
 @settings
@@ -159,7 +175,9 @@ class CampaignConfig(TomlSettings):
         if len(s.supercell) not in (1, 3) or min(s.supercell) < 1:
             raise bad("system.supercell", s.supercell, "one or three integers >= 1")
         self._validate_walkers()
-        if m.members < 2:
+        if m.kind not in MODEL_KINDS:
+            raise bad("model.kind", m.kind, f"allowed: {', '.join(MODEL_KINDS)}")
+        if m.kind == "ensemble" and m.members < 2:
             raise bad("model.members", m.members, "an ensemble needs >= 2 members")
         if m.score not in ("max", "mean", "rms"):
             raise bad("model.score", m.score, "allowed: max, mean, rms")
@@ -184,12 +202,39 @@ class CampaignConfig(TomlSettings):
                       "need test_frames >= 0 and test_spacing >= 1")
         if not le.phonon_distance > 0:
             raise bad("learning.phonon_distance", le.phonon_distance, "must be > 0 Å")
-        if self.trigger.subblock_target is not None:
+        if m.kind == "lattice-dynamics":
+            self._validate_lattice_dynamics()
+        elif self.trigger.subblock_target is not None:
             raise bad("trigger.subblock_target", self.trigger.subblock_target,
-                      "the sub-block test needs the lattice-dynamics model, which a campaign cannot run yet; leave it out")
+                      "the sub-block test needs model.kind = 'lattice-dynamics'; leave it out")
         if not 0.0 <= le.validation_fraction < 1.0:
             raise bad("learning.validation_fraction", le.validation_fraction, "must be in [0, 1)")
         self._validate_finetune()
+
+    def _validate_lattice_dynamics(self) -> None:
+        m, s, t = self.model, self.system, self.trigger
+        if not m.cutoffs or min(m.cutoffs) <= 0:
+            raise bad("model.cutoffs", m.cutoffs, "cluster cutoffs > 0 Å for orders 2, 3, ...")
+        if self.finetune.every != 0:
+            raise bad("finetune.every", self.finetune.every,
+                      "the lattice-dynamics model has no backbone to fine-tune; set [finetune] every = 0")
+        if t.subblock_target is not None and not (t.subblock_target > 0 and t.target is not None):
+            raise bad("trigger.subblock_target", t.subblock_target, "a force > 0 eV/Å, with trigger.target set")
+        small = s.supercell * 3 if len(s.supercell) == 1 else s.supercell
+        large = m.subblock_supercell * 3 if len(m.subblock_supercell) == 1 else m.subblock_supercell
+        if len(large) != 3 or any(b < a for a, b in zip(small, large)) or list(large) == list(small):
+            raise bad("model.subblock_supercell", m.subblock_supercell,
+                      f"one or three integers, each >= system.supercell's ({small}), and a larger cell")
+        if m.subblock_steps < 1 or not 1 <= m.subblock_frames <= m.subblock_steps:
+            raise bad("model.subblock_steps/subblock_frames", (m.subblock_steps, m.subblock_frames),
+                      "need subblock_steps >= 1 and 1 <= subblock_frames <= subblock_steps")
+        for k in range(self.run.walkers):
+            if self.walker_settings(k).dynamics == "npt":
+                raise bad(f"walker[{k}].dynamics" if self.walker else "md.dynamics", "npt",
+                          "the lattice-dynamics model expands about a fixed cell: use langevin, nose-hoover or nve")
+            if self.walker and self.walker[k].get("structure") is not None:
+                raise bad(f"walker[{k}].structure", self.walker[k]["structure"],
+                          "the lattice-dynamics model has one ideal supercell: leave [[walker]] structure out")
 
     def _validate_walkers(self) -> None:
         if self.walker and len(self.walker) != self.run.walkers:
@@ -263,6 +308,12 @@ def unit_structure(config: CampaignConfig) -> "Atoms":
     from ase.io import read
 
     return read(s.structure)
+
+
+def ideal_supercell(config: CampaignConfig) -> "Atoms":
+    """The campaign's supercell before any rattle: the lattice-dynamics model's ideal."""
+    s = config.system
+    return unit_structure(config).repeat(s.supercell * 3 if len(s.supercell) == 1 else s.supercell)
 
 
 def starting_structure(config: CampaignConfig, walker: int | None = None) -> "Atoms":

@@ -5,16 +5,18 @@ per-frame uncertainty goes to that walker's :class:`~almd.campaign.trigger.Trigg
 When the trigger calls, the walker's recent frames are ranked and
 de-duplicated (:func:`~almd.campaign.selection.select_frames`), labelled by the
 :class:`~almd.labels.oracle.Oracle` into the campaign's
-:class:`~almd.labels.database.LabelDatabase`, and the ensemble's heads are refitted on
+:class:`~almd.labels.database.LabelDatabase`, and the model is refitted on
 the training split and recalibrated on the held-out split; MD then goes on
-with the new model. An emergency brake rolls the walker back to its last
+with the new model. The model is an ensemble of heads on a backbone, or the
+Bayesian lattice-dynamics expansion (``[model] kind``, :mod:`almd.campaign.bootstrap`),
+whose convergence also needs the sub-block test (:mod:`almd.campaign.subblock`). An emergency brake rolls the walker back to its last
 trusted frame and labels the offending frame at once. Every ``finetune.every``
 new training labels the backbone itself is fine-tuned on them and the ensemble
 rebuilt on it (:mod:`almd.campaign.finetune_round`).
 
 Everything lives in ``run.output``: ``labels.db`` (every reference
 calculation, as soon as it finishes), ``campaign.json`` (the checkpoint, one
-unit: see :mod:`almd.campaign.state`) with its ``ensemble-G.pt``,
+unit: see :mod:`almd.campaign.state`) with its ``ensemble-G.pt`` (or ``lattice-dynamics-G.npz``),
 ``models/backbone-vN.pt`` (fine-tuned backbones), ``walker-K.json`` and
 ``trigger-K.json`` (copies for reading), ``steps.csv`` (flushed every round),
 ``trajectory-K.extxyz`` (every ``run.trajectory_every`` steps, :mod:`almd.campaign.trajectory`) and
@@ -156,7 +158,7 @@ class Campaign:
         self.phonons: dict[str, Any] = dict(state.get("phonons", {}))  # the phonon set and the base model's errors
         #: the model's error on each frame the trigger sent to the reference, before it learnt from it (rank 0)
         self.learning_curve: list[dict[str, Any]] = list(state.get("learning_curve", []))
-        self.ensemble = self._ensemble()
+        self.model = self._model()
         self.local = owned(cfg.run.walkers, self.comm)
         self.walkers = {k: self._walker(k) for k in self.local}
         self.triggers = {k: self._trigger(k) for k in self.local}
@@ -197,68 +199,44 @@ class Campaign:
                               "use a new run.output or the same campaign file to resume")
         return state
 
-    def _ensemble(self):
-        """Rank 0 loads or builds (initial labels, first fit) the ensemble; the others get its heads."""
-        from almd.uncertainty import Ensemble
+    @property
+    def lattice_dynamics(self) -> bool:
+        """The campaign learns the Bayesian lattice-dynamics model, not an ensemble."""
+        return self.config.model.kind == "lattice-dynamics"
 
-        le = self.config.learning
-        path = self.output / self.state["ensemble"] if "ensemble" in self.state else None
+    def _model(self):
+        """Rank 0 loads or builds (initial labels, first fit) the model; the others get its heads
+        (the ensemble's readout heads, or the lattice-dynamics posterior).
+        """
+        from almd.campaign.bootstrap import bootstrap, load_model
+
         if not self.root:  # helping with the bootstrap labels until rank 0 sends the fitted heads
-            ens = self._unfitted_ensemble()
-            ens.load_head_state(self.helpers.wait())
-            return ens
-        if path is not None:
-            ens = Ensemble.load(path)
+            model = self._unfitted_model()
+            model.load_head_state(self.helpers.wait())
+            return model
+        if "ensemble" in self.state:
+            model = load_model(self.config, self.output / self.state["ensemble"])
         else:
-            ens = self._unfitted_ensemble()
-            try:  # an element the model does not know, a barostat without a periodic cell: before any call
-                for k in range(self.config.run.walkers):
-                    start = starting_structure(self.config, k) if self.config.walker else self.start
-                    ens.check_species(start.numbers)
-                    self._check_barostat(k, start)
-            except ValueError:
-                self.helpers.release(None)
-                raise
-            rng = np.random.default_rng(self.config.md.seed)
-            frames = [self.start]
-            for _ in range(le.initial_labels + le.initial_calibration - 1):  # the start and rattled copies
-                a = self.start.copy()
-                a.positions += rng.normal(0.0, le.initial_rattle, a.positions.shape)
-                frames.append(a)
-            splits = ["train"] * le.initial_labels + ["validation"] * le.initial_calibration
-            labelled = self._label(frames, walker=-1, step=0, reason="initial", splits=splits)
-            if not any(a.info["split"] == "train" for a in labelled):
-                self.helpers.release(None)
-                raise RuntimeError(f"no initial reference calculation succeeded; the failures are recorded in "
-                                   f"{self.database.path} (LabelDatabase.failures())")
-            self._refit(ens, labelled)
-            self.since_finetune = 0  # the initial labels do not count towards a fine-tune
-            if le.phonons:
-                from almd.campaign.phonon_labels import bootstrap_phonons
+            model = self._unfitted_model()
+            bootstrap(self, model)
+        self.helpers.release(model.head_state())
+        return model
 
-                self.phonons = bootstrap_phonons(self)
-        self.helpers.release(ens.head_state())
-        return ens
+    def _unfitted_model(self):
+        from almd.campaign.bootstrap import unfitted_model
 
-    def _check_barostat(self, k: int, start: Atoms) -> None:
-        from almd.settings import ConfigError
-
-        if self.config.walker_settings(k).dynamics == "npt" and not (start.pbc.all() and not start.constraints):
-            raise ConfigError(f"walker {k}: dynamics = 'npt' needs a cell periodic in all three directions and "
-                              f"no constraints; the start structure has pbc = {start.pbc.tolist()}")
-
-    def _unfitted_ensemble(self):
-        """The campaign's ensemble on its current backbone, heads not yet fitted or loaded."""
-        from almd.uncertainty import Ensemble
-
-        m = self.config.model
-        return Ensemble(self.backbone, k=m.members, seed=self.config.md.seed, score=m.score)
+        return unfitted_model(self.config, self.backbone)
 
     def _calculator(self):
-        from almd.uncertainty import EnsembleCalculator
+        from almd.campaign.bootstrap import walker_calculator
 
-        m = self.config.model
-        return EnsembleCalculator(self.ensemble, uncertainty_every=m.uncertainty_every, dtype=m.dtype)
+        return walker_calculator(self.config, self.model)
+
+    def mean_calculator(self):
+        """The final model's mean as a plain ASE calculator (phonons, parity)."""
+        from almd.campaign.bootstrap import mean_calculator
+
+        return mean_calculator(self.config, self.model)
 
     def _walker(self, k: int) -> Walker:
         saved = self.state.get("walkers", {}).get(str(k))
@@ -276,7 +254,8 @@ class Campaign:
         if saved is not None:
             return Trigger.from_json(json.dumps(saved))
         cfg = self.config
-        settings = cfg.trigger.for_run(cfg.run.steps, scored_every=cfg.model.uncertainty_every)
+        scored_every = 1 if self.lattice_dynamics else cfg.model.uncertainty_every  # its score costs nothing
+        settings = cfg.trigger.for_run(cfg.run.steps, scored_every=scored_every)
         return Trigger(settings, stationary_from=cfg.walker_settings(k).schedule_steps)
 
     # ------------------------------------------------------------ learning (rank 0)
@@ -304,8 +283,8 @@ class Campaign:
         with self._timed("reference"):
             return self.labeller.label_many(frames, provenance=provenance, spread=spread)
 
-    def _refit(self, ensemble, labelled: list[Atoms]) -> None:
-        """Heads refitted with the new training labels; calibration updated with the held-out ones.
+    def _refit(self, model, labelled: list[Atoms]) -> None:
+        """The model refitted with the new training labels; calibration updated with the held-out ones.
 
         Only the labels of this call are added (not whatever else the database
         holds), so a resumed run refits exactly as the uninterrupted one did.
@@ -314,10 +293,10 @@ class Campaign:
         held_out = [a for a in labelled if a.info["split"] != "train"]
         with self._timed("refit"):
             if train:
-                ensemble.fit(train, append=True)
+                model.fit(train, append=True)
                 self.since_finetune += len(train)
             if held_out:
-                ensemble.calibrate(held_out)
+                model.calibrate(held_out)
         self.model_version += 1
 
     def _serve(self, requests: list[LabelRequest]) -> tuple[bool, list[tuple[int, int, float, float]]]:
@@ -343,7 +322,7 @@ class Campaign:
             if req.audit and labelled:
                 audits.append((req.walker, req.step, errors[0], float(req.scores[0])))
             if labelled:
-                self._refit(self.ensemble, labelled)
+                self._refit(self.model, labelled)
                 changed = True
         every = self.config.finetune.every
         if changed and every > 0 and self.since_finetune >= every:
@@ -354,8 +333,8 @@ class Campaign:
         """The true force error of the model on a labelled frame, in the score's measure (eV/Å)."""
         from almd.uncertainty.calibration import reduce_atoms
 
-        error = np.asarray(labelled.get_forces()) - self.ensemble.predict(labelled)["forces"]
-        return reduce_atoms(np.sqrt((error**2).mean(axis=1)), self.ensemble.score)
+        error = np.asarray(labelled.get_forces()) - self.model.predict(labelled)["forces"]
+        return reduce_atoms(np.sqrt((error**2).mean(axis=1)), self.model.score)
 
     def _finetune(self) -> None:
         """A fine-tune round (trained on every rank, the rest on rank 0): new backbone file, ensemble
@@ -365,7 +344,7 @@ class Campaign:
 
         self.model_version += 1
         with self._timed("finetune"):
-            path, ensemble, record = finetune_round(self.config, self.database, self.ensemble, self.backbone,
+            path, ensemble, record = finetune_round(self.config, self.database, self.model, self.backbone,
                                                     self.model_version, self.output,
                                                     train_on=lambda args: self.helpers.run("finetune", args))
         self.backbone, self.since_finetune = str(path), 0
@@ -378,9 +357,9 @@ class Campaign:
 
         return train_backbone(*args, comm=self.comm if self.comm.size > 1 else None)
 
-    def _use(self, ensemble) -> None:
-        """Walkers compute with ``ensemble`` from here on (fresh calculators, as after a restart)."""
-        self.ensemble = ensemble
+    def _use(self, model) -> None:
+        """Walkers compute with ``model`` from here on (fresh calculators, as after a restart)."""
+        self.model = model
         for w in self.walkers.values():
             w.calculator = self._calculator()
 
@@ -446,7 +425,7 @@ class Campaign:
             rows = [r for part, _ in gathered for r in part]
             requests = [q for _, part in gathered for q in part]
             changed, audits = self._serve(requests)
-            update = (self.ensemble.head_state(), self.model_version, self.backbone) if changed else None
+            update = (self.model.head_state(), self.model_version, self.backbone) if changed else None
             self.helpers.release((update, audits))
         else:  # lending a hand with the round's labels and fine-tune until rank 0 is done
             update, audits = self.helpers.wait()
@@ -457,13 +436,23 @@ class Campaign:
             if not self.root:
                 if update[2] != self.backbone:  # fine-tuned on rank 0: the same file for every rank
                     self.backbone = update[2]
-                    self._use(self._unfitted_ensemble())
-                self.ensemble.load_head_state(update[0])
+                    self._use(self._unfitted_model())
+                self.model.load_head_state(update[0])
                 self.model_version = update[1]
             for w in self.walkers.values():  # forces from the new model from here on
                 _restart_uncertainty(w)
         busy = any(w.step < cfg.steps for w in self.walkers.values())
         return rows, bool(self.comm.allreduce(int(busy)))
+
+    def _subblock_tests(self) -> None:
+        """The lattice-dynamics convergence test for each local walker whose windows went quiet."""
+        from almd.campaign.subblock import subblock_test
+
+        for k, trigger in self.triggers.items():
+            if trigger.wants_subblock_test:
+                with self._timed("subblock_test"):
+                    test = subblock_test(self.model, self.config, self.config.walker_settings(k), self.walkers[k].step)
+                trigger.record_subblock_error(test.value)
 
     def checkpoint(self) -> None:
         """Everything needed to resume, written by rank 0 as one unit (:func:`~almd.campaign.state.write_checkpoint`).
@@ -481,7 +470,7 @@ class Campaign:
                     steps[k] = json.loads(walker)["step"]
                     if call is not None:
                         last_call[k] = call
-            write_checkpoint(self.output, self.ensemble, {
+            write_checkpoint(self.output, self.model, {
                 "config": self.config.to_dict(), "model_version": self.model_version, "rounds": self.rounds, "last_call": last_call, "steps": steps,
                 "backbone": self.backbone, "labels_since_finetune": self.since_finetune,
                 "finetunes": self.finetunes, "timings": self.timings, "phonons": self.phonons,
@@ -522,6 +511,7 @@ class Campaign:
                 while busy and stopped is None:
                     rows, busy = self._round()
                     self.rounds += 1
+                    self._subblock_tests()
                     if self.root:
                         for r in rows:
                             log.writerow({**r, "labels": len(self.database), "model_version": self.model_version})
@@ -566,7 +556,7 @@ class Campaign:
         """Force RMSE (eV/Å) of the ensemble mean on ``frames`` (default: the labels it was not fitted on; rank 0)."""
         from almd.campaign.outcome import force_rmse
 
-        return force_rmse(self.ensemble.predict, frames or self.database.validation_set())
+        return force_rmse(self.model.predict, frames or self.database.validation_set())
 
 
 def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:

@@ -70,14 +70,14 @@ def record_outcome(campaign: Campaign, rmse: float, test: list[Atoms], converged
     cfg = campaign.config
     held = test or campaign.database.validation_set()
     base = Calculator(cfg.model.backbone, dtype=cfg.model.dtype)
-    forces = save_parity(campaign.output / PARITY_FILE, held, campaign.ensemble.predict, base)
+    forces = save_parity(campaign.output / PARITY_FILE, held, campaign.model.predict, base)
     base_rmse = float(np.sqrt(np.mean((forces["base"] - forces["reference"]) ** 2))) if forces else float("nan")
     phonons = dict(campaign.phonons)
     if phonons.get("file"):
         from almd.campaign.phonon_labels import phonon_errors
 
         with campaign._timed("phonons"):
-            phonons["final"] = phonon_errors(campaign.output / phonons["file"], Calculator(campaign.ensemble),
+            phonons["final"] = phonon_errors(campaign.output / phonons["file"], campaign.mean_calculator(),
                                              name="final")
     update_checkpoint(campaign.output, heldout={"frames": len(held), "set": "test" if test else "validation",
                                                 "final": _finite(rmse), "base": _finite(base_rmse)},

@@ -45,11 +45,12 @@ def displacement_set(config: CampaignConfig) -> Any:
     return ph
 
 
-def phonon_labels(config: CampaignConfig, output: Path,
-                  label: Callable[[list[Atoms]], list[Atoms]]) -> Path | None:
+def phonon_labels(config: CampaignConfig, output: Path, label: Callable[[list[Atoms]], list[Atoms]],
+                  keep: list[Atoms] | None = None) -> Path | None:
     """Label the displaced supercells with ``label`` (the campaign's labeller, which stores
     each outcome) and write the reference's phonon set; None if a calculation failed
     (recorded in the database: the campaign then learns without phonon labels).
+    ``keep``: a list that receives the labelled cells (the perfect one first).
     """
     from almd.phonons.harmonic import to_ase_atoms
 
@@ -58,6 +59,8 @@ def phonon_labels(config: CampaignConfig, output: Path,
     labelled = label(cells)
     if len(labelled) != len(cells):
         return None
+    if keep is not None:
+        keep.extend(labelled)
     forces = np.array([a.get_forces() for a in labelled])
     ph.forces = forces[1:] - forces[0]  # the perfect cell's residual force is not a force constant
     path = output / PHONON_FILE
@@ -85,19 +88,21 @@ def phonon_errors(path: str | Path, calculator: AseCalculator, name: str | None 
     return {k: float(errors[k]) for k in PHONON_METRICS if k in errors}
 
 
-def bootstrap_phonons(campaign: Campaign) -> dict[str, Any]:
+def bootstrap_phonons(campaign: Campaign) -> tuple[dict[str, Any], list[Atoms]]:
     """The campaign's phonon labels (stored, kept as a phonopy file) and the base model's errors
-    against them, for ``campaign.json``; empty if a reference calculation failed.
+    against them, for ``campaign.json`` (empty if a reference calculation failed), and the
+    labelled cells (the perfect supercell first; empty if one failed).
     """
     from almd.potentials.calculator import Calculator
 
     def label(cells: list[Atoms]) -> list[Atoms]:
         return campaign._label(cells, walker=-1, step=0, reason="phonon", splits=["phonon"] * len(cells))
 
-    path = phonon_labels(campaign.config, campaign.output, label)
+    cells: list[Atoms] = []
+    path = phonon_labels(campaign.config, campaign.output, label, keep=cells)
     if path is None:
-        return {}
+        return {}, []
     model = campaign.config.model
     with campaign._timed("phonons"):
         base = phonon_errors(path, Calculator(model.backbone, dtype=model.dtype), name="base")
-    return {"file": str(PHONON_FILE), "base": base}
+    return {"file": str(PHONON_FILE), "base": base}, cells

@@ -1,9 +1,10 @@
 """``almd md MODEL STRUCTURE``: production MD with a trained model and its uncertainty, no learning.
 
-MODEL is a campaign's run directory (its last checkpointed ensemble, and its
-``trigger.target`` as the model's stated accuracy), an ensemble file
-(``ensemble-G.pt``), or any model ``almd.Calculator`` reads (then without an
-uncertainty). The run warns, with the step and the value, when the calibrated
+MODEL is a campaign's run directory (its last checkpointed model, the ensemble or
+the lattice-dynamics model, and its ``trigger.target`` as the model's stated
+accuracy), a model file of a checkpoint (``ensemble-G.pt``,
+``lattice-dynamics-G.npz``), or any model ``almd.Calculator`` reads (then without
+an uncertainty). A lattice-dynamics model runs in its own supercell only. The run warns, with the step and the value, when the calibrated
 uncertainty crosses the target (once per excursion above it), and stops rather
 than integrates on when a prediction is not finite or a force exceeds
 ``--max-force``: the exit status is then 3 and the last trajectory frame is the
@@ -53,22 +54,28 @@ def load_production_model(model: str, uncertainty_every: int = 1) -> ProductionM
         if "ensemble" not in unit:
             raise ConfigError(f"MODEL {model}: its campaign.json names no ensemble yet (no checkpoint written)")
         target = unit.get("config", {}).get("trigger", {}).get("target")
-        return _ensemble_model(path / unit["ensemble"], target, uncertainty_every)
+        return _checkpoint_model(path / unit["ensemble"], target, uncertainty_every)
+    if path.is_file() and path.suffix == ".npz":
+        return _checkpoint_model(path, None, uncertainty_every)
     if path.is_file():
         from almd.potentials.files import read_payload
         from almd.uncertainty.ensemble import FORMAT
 
         payload = read_payload(path, allow_pickle=False)
         if isinstance(payload, dict) and payload.get("format") == FORMAT:
-            return _ensemble_model(path, None, uncertainty_every)
+            return _checkpoint_model(path, None, uncertainty_every)
     from almd.potentials.calculator import Calculator
 
     return ProductionModel(Calculator(model), None, str(model))
 
 
-def _ensemble_model(path: Path, target: float | None, uncertainty_every: int) -> ProductionModel:
+def _checkpoint_model(path: Path, target: float | None, uncertainty_every: int) -> ProductionModel:
     from almd.uncertainty import EnsembleCalculator
 
+    if path.suffix == ".npz":  # a lattice-dynamics checkpoint
+        from almd.uncertainty.lattice_dynamics import LatticeDynamicsModel
+
+        return ProductionModel(LatticeDynamicsModel.load(path).calculator(), target, str(path))
     return ProductionModel(EnsembleCalculator(path, uncertainty_every=uncertainty_every), target, str(path))
 
 

@@ -21,8 +21,8 @@ from almd.io import atomic_write
 __all__ = ["PURPOSES", "STAGES", "main", "summarise", "write_summary"]
 
 #: the stages whose wall time a campaign records (s): MD steps with their uncertainty,
-#: reference calculations, ensemble refits, backbone fine-tunes
-STAGES = ("md_and_uncertainty", "reference", "refit", "finetune", "phonons")
+#: reference calculations, model refits, backbone fine-tunes, phonons, the lattice-dynamics sub-block test
+STAGES = ("md_and_uncertainty", "reference", "refit", "finetune", "phonons", "subblock_test")
 #: what each reference calculation was for (the ``source`` of its row; trigger calls name their criteria)
 PURPOSES = ("bootstrap", "phonon", "trigger", "brake", "audit", "test")
 
@@ -54,7 +54,10 @@ def summarise(run_dir: str | Path) -> dict[str, Any]:
     after = [r for r in steps if at is not None and int(r["step"]) > int(at)]
     audits = [a for t in state.get("triggers", {}).values() for a in t.get("audits", [])]
     phonons = state.get("phonons", {})
+    # the last sub-block test of each walker (lattice-dynamics): [error eV/Å, the call count it was made at]
+    subblock = {k: t["subblock"][0] for k, t in state.get("triggers", {}).items() if t.get("subblock")}
     return {
+        "model": state.get("config", {}).get("model", {}).get("kind", "ensemble"),
         "md_steps": len(steps),
         "walkers": len(state.get("steps", {})),
         "oracle_calls": calls,
@@ -67,6 +70,7 @@ def summarise(run_dir: str | Path) -> dict[str, Any]:
             (1 - sum(r["action"] != "none" for r in after) / len(after)) if after else None,
         "trigger_calls_after_convergence": sum(r["action"] in ("label", "brake") for r in after),
         "audits": {"made": len(audits), "failed": sum(not a["passed"] for a in audits)},
+        "subblock_error_eV_A": subblock or None,
         "heldout_set": heldout.get("set"),
         "heldout_frames": heldout.get("frames"),
         "heldout_force_rmse_eV_A": heldout.get("final"),

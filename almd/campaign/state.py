@@ -122,17 +122,20 @@ class StopRequest:
             signal.signal(number, handler)
 
 
-def write_checkpoint(output: Path, ensemble: Any, state: dict[str, Any], walkers: dict[int, str],
+def write_checkpoint(output: Path, model: Any, state: dict[str, Any], walkers: dict[int, str],
                      triggers: dict[int, str]) -> int:
     """Write one checkpoint (see the module docstring); returns its generation.
 
+    ``model``: the ensemble or the lattice-dynamics model (its class names the file:
+    ``FILE_NAME``, a stem and a suffix; the checkpoint's key ``ensemble`` holds it).
     ``state``: the campaign's own counters (JSON-able); ``walkers`` / ``triggers``:
     the JSON states by walker index.
     """
     previous = read_checkpoint(output)
     generation = int(previous.get("generation", 0)) + 1
-    name = f"ensemble-{generation}.pt"
-    ensemble.save(output / name)
+    stem, suffix = model.FILE_NAME
+    name = f"{stem}-{generation}{suffix}"
+    model.save(output / name)
     unit = {**state, "generation": generation, "ensemble": name,
             "walkers": {str(k): json.loads(v) for k, v in walkers.items()},
             "triggers": {str(k): json.loads(v) for k, v in triggers.items()}}
@@ -141,7 +144,7 @@ def write_checkpoint(output: Path, ensemble: Any, state: dict[str, Any], walkers
         atomic_write(output / f"walker-{k}.json", text)
     for k, text in triggers.items():
         atomic_write(output / f"trigger-{k}.json", text)
-    for old in output.glob("ensemble-*.pt"):  # keep this generation and the one before
+    for old in output.glob(f"{stem}-*{suffix}"):  # keep this generation and the one before
         if old.name not in (name, previous.get("ensemble")):
             old.unlink(missing_ok=True)
     return generation

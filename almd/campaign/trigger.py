@@ -249,11 +249,27 @@ class Trigger:
             return math.nan
         return self._subblock[0]
 
+    @property
+    def wants_subblock_test(self) -> bool:
+        """True when only the sub-block test stands between the model and convergence: the
+        windows are below ``target`` and no sub-block error was recorded since the last call.
+        """
+        s = self.settings
+        return (s.subblock_target is not None and not self.converged and s.target is not None
+                and self._good_blocks >= s.converge_windows and math.isnan(self.subblock_error))
+
+    def _subblock_failed(self) -> bool:
+        # the model's sub-block error, recorded after the last call, is above its target: label more
+        t = self.settings.subblock_target
+        return t is not None and not self.converged and self.subblock_error >= t
+
     def record_subblock_error(self, error: float) -> bool:
         """Record the sub-block Bayesian error (eV/Å) of the current model on
         larger-supercell MD frames, e.g. ``subblock_convergence(...).value``.
         Returns whether it is below ``subblock_target`` (False if that is None).
-        A later call (label or brake) makes the record stale.
+        Above it, the next spaced step calls (reason ``subblock``): the test found
+        environments the model is unsure of. A later call (label or brake) makes the
+        record stale.
         """
         error = float(error)
         if not error >= 0:  # also rejects nan
@@ -319,6 +335,8 @@ class Trigger:
                             rollback_to=self._last_trusted)
 
         reasons = self._criteria(step, score, mean)
+        if self._subblock_failed():
+            reasons.append("subblock")
         if "average" in reasons:
             self._block_ok = False
         self._adapt_threshold(step, score)

@@ -117,6 +117,7 @@ class Ensemble(Potential):
     """
 
     backbone_name = "ensemble"
+    FILE_NAME = ("ensemble", ".pt")  #: stem and suffix of a campaign's checkpoint files of it
 
     def __init__(self, backbone: str | os.PathLike | Potential = "sevennet-0", k: int = 4, seed: int = 0,
                  rank: int = 16, score: str = "max", calibration: Calibration | None = None):
