@@ -19,6 +19,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import numpy as np
 from pydantic import BeforeValidator, ConfigDict, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic_core import ArgsKwargs
@@ -92,7 +93,23 @@ def _checked_init(self: Any, *args: Any, **kwargs: Any) -> None:
     _validate(type(self), self, ArgsKwargs(args, kwargs), section="")
 
 
+def _plain(value: Any) -> Any:
+    """Numpy scalars and arrays as Python numbers and lists (strict types refuse ``np.int64(3)``)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
+    return value
+
+
 def _validate(cls: type, instance: Any, arguments: ArgsKwargs, section: str) -> None:
+    arguments = ArgsKwargs(_plain(tuple(arguments.args)), _plain(dict(arguments.kwargs or {})))
     try:
         cls.__pydantic_validator__.validate_python(arguments, self_instance=instance)
     except ValidationError as exc:

@@ -21,7 +21,10 @@ Policies (all on the same calibrated per-frame score, RMS over atoms, eV/Å):
 
 With ``--finetune N`` the campaign's fine-tune rounds are on (its [finetune]
 defaults, a round after every N training labels) and only the final model's
-held-out error is reported. Otherwise the curve of a run is rebuilt afterwards: its training labels are fitted again
+held-out error is reported. With ``--model lattice-dynamics`` the campaign learns
+the Bayesian lattice-dynamics model instead (``examples/campaigns/si_lattice_dynamics.toml``'s
+cutoffs and bootstrap, convergence by the sub-block test at ``--subblock-target``),
+and the final model's held-out error is reported likewise. Otherwise the curve of a run is rebuilt afterwards: its training labels are fitted again
 one by one, in the order the run made them (the run's own heads after each
 call), and scored on held-out frames it never saw: FLARE's 300 K frames
 (``../shared/peers/flare/heldout_sw_300K.xyz``) and frames of an independent
@@ -33,6 +36,7 @@ at 300 K and its calls and held-out error are printed beside them.
 
     python benchmarks/bench_policies.py [--steps 300] [--top 900] [--ramp 0] [--budget 20]
         [--policies almd,per-frame,...] [--uncertainty-every 2] [--finetune 0] [--flare DIR/venv/bin/python]
+        [--model ensemble|lattice-dynamics] [--subblock-target 0.01]
         [--out bench-out/policies]
 """
 
@@ -105,10 +109,17 @@ def campaign_config(name: str, args: argparse.Namespace, out: Path) -> CampaignC
     md = {"temperature": 300.0, "seed": args.seed}
     if args.ramp:
         md["schedule"] = [[args.ramp, 300.0, float(args.top)]]
+    model: dict = {"uncertainty_every": args.uncertainty_every}
+    learning: dict = {"phonons": False, "test_frames": 0}
+    if args.model == "lattice-dynamics":  # the example file's model and bootstrap
+        example = CampaignConfig.from_toml(ROOT / "examples" / "campaigns" / "si_lattice_dynamics.toml")
+        model = {**example.to_dict()["model"], "uncertainty_every": 1}
+        learning = {**example.to_dict()["learning"], "test_frames": 0}
+        if trigger.get("target") is not None:  # the fixed-threshold policies have no convergence test
+            trigger = {**trigger, "subblock_target": args.subblock_target}
     cfg = CampaignConfig.from_dict({
-        "system": {"structure": "si", "supercell": [2, 2, 2]}, "md": md,
-        "model": {"uncertainty_every": args.uncertainty_every},
-        "learning": {"phonons": False, "test_frames": 0}, "finetune": {"every": args.finetune},
+        "system": {"structure": "si", "supercell": [2, 2, 2]}, "md": md, "model": model,
+        "learning": learning, "finetune": {"every": 0 if args.model == "lattice-dynamics" else args.finetune},
         "run": {"steps": args.steps, "output": str(out), "progress": False, "checkpoint_every": args.steps}})
     return replace(cfg, trigger=TriggerSettings(**trigger))
 
@@ -173,7 +184,8 @@ def learning_curve(run_dir: Path, sets: dict[str, list], points: int) -> list[di
 
 
 def run_policy(name: str, args: argparse.Namespace, sets: dict[str, list]) -> dict:
-    out = Path(args.out) / f"{name}-{'ramp' if args.ramp else '300K'}"
+    kind = "" if args.model == "ensemble" else f"-{args.model}"
+    out = Path(args.out) / f"{name}{kind}-{'ramp' if args.ramp else '300K'}"
     if out.exists():
         import shutil
 
@@ -194,13 +206,13 @@ def run_policy(name: str, args: argparse.Namespace, sets: dict[str, list]) -> di
     summary = json.loads((out / "summary.json").read_text())
     calls = summary["oracle_calls"]
     made = calls["total"] - calls["bootstrap"]
-    if args.finetune:  # the backbone moved: the run's own final ensemble, no curve rebuilt on SevenNet-0
-        from almd.uncertainty import Ensemble
+    if args.finetune or args.model != "ensemble":  # the run's own final model, no curve rebuilt on SevenNet-0
+        from almd.campaign.bootstrap import load_model
 
         state = json.loads((out / "campaign.json").read_text())
-        final = Ensemble.load(out / state["ensemble"])
+        final = load_model(campaign_config(name, args, out), out / state["ensemble"])
         curve = [{"calls": made, **{key: rmse(final, frames) for key, frames in sets.items()}}]
-        name = f"{name}+finetune"
+        name = f"{name}+{args.model}" if args.model != "ensemble" else f"{name}+finetune"
     else:
         curve = learning_curve(out, sets, args.points)
     return {"policy": name, "calls": made, "converged": result.converged, "wall_s": round(wall, 1),
@@ -246,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune", type=int, default=0,
                    help="the campaign's fine-tune round after every N training labels (0: off, the heads alone); "
                         "then only the final model's error is reported")
+    p.add_argument("--model", default="ensemble", choices=("ensemble", "lattice-dynamics"),
+                   help="the campaign's model kind ([model] kind)")
+    p.add_argument("--subblock-target", type=float, default=0.01,
+                   help="lattice-dynamics: the sub-block error (eV/Å) convergence needs")
     p.add_argument("--flare", help="FLARE's python (build.sh DIR → DIR/venv/bin/python); skipped without it")
     p.add_argument("--out", default="bench-out/policies")
     args = p.parse_args(argv)

@@ -253,3 +253,11 @@ def test_a_bad_argument_is_one_line_naming_it_and_no_directory_is_made(tmp_path,
         OnTheFlyCalculator(**args)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "otf").exists()
+
+
+def test_fine_tune_settings_as_an_instance_take_their_interval_from_finetune_every():
+    from almd.campaign.config import FinetuneSettings
+    from almd.campaign.on_the_fly import _finetune_config
+
+    config = _finetune_config(FinetuneSettings(steps=7, lr=1e-3), 3, "sevennet-0", 4, "rms", "float32", 0)
+    assert (config.finetune.steps, config.finetune.lr, config.finetune.every) == (7, 1e-3, 3)

@@ -65,3 +65,17 @@ def test_a_corrupt_saved_state_is_one_line_naming_the_field():
         Trigger.from_state_dict({**saved, "n_calls": "x"})
     with pytest.raises(ConfigError, match="^trigger state: missing key 'window'$"):
         Trigger.from_state_dict({k: v for k, v in saved.items() if k != "window"})
+
+
+def test_numpy_numbers_are_numbers_and_a_string_is_still_refused():
+    import numpy as np
+
+    from almd.campaign.config import CampaignConfig
+    from almd.campaign.walker import WalkerSettings
+
+    config = CampaignConfig.from_dict({"run": {"steps": np.int64(5)}, "system": {"supercell": np.array([2, 1, 2])},
+                                       "md": {"temperature": np.float32(450.0)}})
+    assert (config.run.steps, config.system.supercell, config.md.temperature) == (5, [2, 1, 2], 450.0)
+    assert type(config.run.steps) is int and type(WalkerSettings(seed=np.int64(3)).seed) is int
+    with pytest.raises(ConfigError, match=r"^run.steps = '5' is not allowed; expected an integer$"):
+        CampaignConfig.from_dict({"run": {"steps": "5"}})

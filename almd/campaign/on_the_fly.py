@@ -580,8 +580,8 @@ def _finetune_config(finetune: Any, every: int, backbone: Any, members: int, sco
 
     if finetune is None:
         finetune = {}
-    if isinstance(finetune, FinetuneSettings):
-        finetune = asdict(finetune)
+    if isinstance(finetune, FinetuneSettings):  # its interval is finetune_every's, as documented
+        finetune = {key: value for key, value in asdict(finetune).items() if key != "every"}
     if not isinstance(finetune, Mapping):
         raise bad("finetune", finetune, "give a mapping of FinetuneSettings fields, a FinetuneSettings, or None")
     allowed = [f.name for f in fields(FinetuneSettings) if f.name != "every"]

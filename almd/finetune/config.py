@@ -31,7 +31,8 @@ class DataConfig:
     phonon: OneOrMore[str] = field(default_factory=list)
     #: fold the phonopy data sets of ``phonon`` onto this supercell of their unit cell (3 ints,
     #: commensurate with the set's supercell): the model's Hessian of a small periodic cell
-    #: against the folded DFT force constants. Empty: the data set's own supercell
+    #: against the folded DFT force constants. Empty: the data set's own supercell. Sets in
+    #: ``validation`` are never folded: the model is judged on the data's own supercell
     phonon_fold: OneOrMore[int] = field(default_factory=list)
     #: energy/force/stress data (extxyz, ASE db, or a phonopy data set's displaced supercells)
     efs: OneOrMore[str] = field(default_factory=list)
