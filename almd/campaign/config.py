@@ -215,6 +215,10 @@ class CampaignConfig(TomlSettings):
         m, s, t = self.model, self.system, self.trigger
         if not m.cutoffs or min(m.cutoffs) <= 0:
             raise bad("model.cutoffs", m.cutoffs, "cluster cutoffs > 0 Å for orders 2, 3, ...")
+        if self.learning.initial_labels < 2 or not self.learning.initial_rattle > 0:
+            raise bad("learning.initial_labels/initial_rattle", (self.learning.initial_labels, self.learning.initial_rattle),
+                      "the lattice-dynamics model needs rattled copies: initial_labels >= 2 (the start cell itself "
+                      "has no displacement to learn from) and initial_rattle > 0 Å")
         if self.finetune.every != 0:
             raise bad("finetune.every", self.finetune.every,
                       "the lattice-dynamics model has no backbone to fine-tune; set [finetune] every = 0")

@@ -58,7 +58,9 @@ class TriggerSettings:
             both this × its calibrated score and ``target``.
         subblock_target: if set (eV/Å), convergence also needs a sub-block Bayesian
             error below it, recorded for the current model (after the last call)
-            with :meth:`Trigger.record_subblock_error`. Needs ``target``.
+            with :meth:`Trigger.record_subblock_error`; a recorded error above it
+            makes the next spaced step call (reason ``subblock``). Needs ``target``.
+            A lattice-dynamics campaign runs the test itself (:mod:`almd.campaign.subblock`).
     """
 
     target: float | None = 0.05

@@ -39,10 +39,14 @@ from almd.structures import minimum_image
 from almd.uncertainty.bayes import BayesianForceConstantModel, EvidenceFit
 from almd.uncertainty.calibration import reduce_atoms
 
-__all__ = ["LatticeDynamicsCalculator", "LatticeDynamicsModel"]
+__all__ = ["LatticeDynamicsCalculator", "LatticeDynamicsModel", "SiteMatchError"]
 
 #: the file format tag of :meth:`LatticeDynamicsModel.save`
 FORMAT = "almd-lattice-dynamics-1"
+
+
+class SiteMatchError(ValueError):
+    """The atoms are not a displaced copy of the model's ideal supercell (no one-to-one match)."""
 
 
 def _atoms_arrays(atoms: Atoms) -> dict[str, np.ndarray]:
@@ -85,8 +89,14 @@ class LatticeDynamicsModel:
                              f"supercell ({self.ideal.get_chemical_formula()}); got {len(numbers)} atoms ({got})")
 
     def fit(self, frames: Iterable[Atoms], append: bool = True) -> None:
-        """Add labelled ``frames`` (forces in ``get_forces()``) and refit (evidence maximised)."""
+        """Add labelled ``frames`` (forces in ``get_forces()``) and refit (evidence maximised).
+
+        An undisplaced frame is skipped: the expansion predicts zero force there whatever its
+        parameters, so its rows would only shrink the fitted noise 1/β.
+        """
         frames = [self._in_site_order(a) for a in frames]
+        frames = [a for a in frames if np.abs(minimum_image(a.positions - self.ideal.positions,
+                                                            self.ideal.cell)).max() > 1e-6]
         if not append:
             self.trained = []
             self.bayes.fit(frames, ideal=self.ideal)
@@ -206,8 +216,8 @@ class LatticeDynamicsModel:
         dist = np.linalg.norm(minimum_image(pair.reshape(-1, 3), self.ideal.cell), axis=1).reshape(pair.shape[:2])
         order = dist.argmin(axis=1)
         if len(set(order.tolist())) != len(order) or not np.array_equal(atoms.numbers[order], self.ideal.numbers):
-            raise ValueError("the atoms are not a displaced copy of the model's ideal supercell "
-                             "(no one-to-one match of atoms to its sites)")
+            raise SiteMatchError("the atoms are not a displaced copy of the model's ideal supercell "
+                                 "(no one-to-one match of atoms to its sites)")
         return order
 
     def _in_site_order(self, atoms: Atoms) -> Atoms:
@@ -222,7 +232,9 @@ class LatticeDynamicsModel:
 class LatticeDynamicsCalculator(Calculator):
     """ASE calculator of a :class:`LatticeDynamicsModel`: the posterior mean's energy and forces,
     each atom's predictive error ``forces_std`` (eV/Å) and the frame's score ``uncertainty`` (eV/Å)
-    at every call, at no extra cost. A refit of the model makes cached results stale.
+    at every call, at no extra cost. A refit of the model makes cached results stale. Atoms that
+    left their sites (no one-to-one match) get non-finite results, which a walker treats as a
+    blow-up (rolled back, the frame labelled), not an exception.
     """
 
     implemented_properties = ["energy", "forces", "forces_std", "uncertainty"]
@@ -239,4 +251,9 @@ class LatticeDynamicsCalculator(Calculator):
                   system_changes: Sequence[str] = all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
         self._version = self.model.version
-        self.results.update(self.model.predict(self.atoms))
+        try:
+            self.results.update(self.model.predict(self.atoms))
+        except SiteMatchError:
+            n = len(self.atoms)
+            self.results.update(energy=np.nan, forces=np.full((n, 3), np.nan), forces_std=np.full(n, np.inf),
+                                uncertainty=np.inf)
