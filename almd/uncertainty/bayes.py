@@ -31,7 +31,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from almd.structures import minimum_image
 
-__all__ = ["BayesianForceConstantModel", "BayesianCalculator", "EvidenceFit",
+__all__ = ["BayesianForceConstantModel", "BayesianCalculator", "EvidenceFit", "RefittedModelCalculator",
            "evidence_ridge", "displacements"]
 
 
@@ -485,7 +485,21 @@ class BayesianForceConstantModel:
         return self._basis(_as_ase(supercell)).fc_array(order, fit.mean)
 
 
-class BayesianCalculator(Calculator):
+class RefittedModelCalculator(Calculator):
+    """An ASE calculator of a model refitted in place: a new ``model.version`` makes cached
+    results stale (subclasses set ``self._version`` when they calculate).
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model, self._version = model, -1
+
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        changes = super().check_state(atoms, tol)
+        return changes + ["model"] if self._version != self.model.version else changes
+
+
+class BayesianCalculator(RefittedModelCalculator):
     """ASE calculator of the posterior mean; ``results['force_std']`` (N, 3) and
     ``results['uncertainty']`` (the trigger score, eV/Å) come with every force
     evaluation at no extra cost. A refit of the model invalidates cached results.
@@ -494,12 +508,8 @@ class BayesianCalculator(Calculator):
     implemented_properties = ["energy", "forces", "force_std", "uncertainty"]
 
     def __init__(self, model: BayesianForceConstantModel, ideal: Atoms | None = None) -> None:
-        super().__init__()
-        self.model, self.ideal, self._version = model, ideal, -1
-
-    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
-        changes = super().check_state(atoms, tol)
-        return changes + ["model"] if self._version != self.model.version else changes
+        super().__init__(model)
+        self.ideal = ideal
 
     def calculate(self, atoms: Atoms | None = None, properties: Sequence[str] = ("energy",),
                   system_changes: Sequence[str] = all_changes) -> None:

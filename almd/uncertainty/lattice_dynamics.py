@@ -32,11 +32,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import all_changes
 
 from almd.io import atomic_write_bytes
 from almd.structures import minimum_image
-from almd.uncertainty.bayes import BayesianForceConstantModel, EvidenceFit
+from almd.uncertainty.bayes import BayesianForceConstantModel, EvidenceFit, RefittedModelCalculator
 from almd.uncertainty.calibration import reduce_atoms
 
 __all__ = ["LatticeDynamicsCalculator", "LatticeDynamicsModel", "SiteMatchError"]
@@ -229,7 +229,7 @@ class LatticeDynamicsModel:
         return mapped
 
 
-class LatticeDynamicsCalculator(Calculator):
+class LatticeDynamicsCalculator(RefittedModelCalculator):
     """ASE calculator of a :class:`LatticeDynamicsModel`: the posterior mean's energy and forces,
     each atom's predictive error ``forces_std`` (eV/Å) and the frame's score ``uncertainty`` (eV/Å)
     at every call, at no extra cost. A refit of the model makes cached results stale. Atoms that
@@ -238,14 +238,6 @@ class LatticeDynamicsCalculator(Calculator):
     """
 
     implemented_properties = ["energy", "forces", "forces_std", "uncertainty"]
-
-    def __init__(self, model: LatticeDynamicsModel) -> None:
-        super().__init__()
-        self.model, self._version = model, -1
-
-    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
-        changes = super().check_state(atoms, tol)
-        return changes + ["model"] if self._version != self.model.version else changes
 
     def calculate(self, atoms: Atoms | None = None, properties: Sequence[str] = ("energy",),
                   system_changes: Sequence[str] = all_changes) -> None:
