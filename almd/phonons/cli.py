@@ -42,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kappa", action="store_true", help="also κ(300 K) through phono3py (RTA)")
     p.add_argument("--kappa-mesh", type=int, nargs=3, default=[11, 11, 11], metavar="N", help="q-mesh for κ (default 11 11 11)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0, 100, 200, 300, 400, 500, 600, 800, 1000])
+    p.add_argument("--modes", action="store_true",
+                   help="with --reference: the energy along each imaginary mode of the reference at its supercell's "
+                        "q-points (frozen phonons, the calculator's energies): double-well depth and minimum")
+    p.add_argument("--mode", type=float, nargs=4, metavar=("Q1", "Q2", "Q3", "BAND"),
+                   help="with --reference: scan this mode (q in primitive reciprocal units, band index from 0)")
+    p.add_argument("--mode-amplitude", type=float, default=0.3, help="largest atomic displacement scanned, Å (0.3)")
+    p.add_argument("--mode-points", type=int, default=13, help="amplitudes scanned, from -A to +A (13)")
+    p.add_argument("--mode-reference", help="also the energies of this calculator (e.g. gpaw-pw) along the modes")
+    p.add_argument("--modes-plot", help="write the energy-along-mode PNG here")
     p.add_argument("--json", dest="json_out", help="write results as JSON here")
     p.add_argument("--plot", help="write a band-structure PNG here")
     return p
@@ -89,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every input checked before any work: one line, status 2
         calc = resolve_calculator(args.calculator)
         ref = load_reference(args.reference) if args.reference else None
+        if (args.modes or args.mode) and ref is None:
+            raise ValueError("--modes / --mode need --reference DATA (the modes are the reference's)")
+        if args.mode_points < 2 or not args.mode_amplitude > 0:
+            raise ValueError(f"--mode-points = {args.mode_points}, --mode-amplitude = {args.mode_amplitude} are not "
+                             "allowed; need >= 2 points and an amplitude > 0 Å")
+        mode_reference = resolve_calculator(args.mode_reference) if args.mode_reference else None
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"almd phonons: error: {exc}", file=sys.stderr)
         return 2
@@ -134,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             out["reference"]["kappa_300K_W_mK"] = kr.kappa_300K_W_mK
             out["mae"]["kappa_300K_abs_error_W_mK"] = abs(k.kappa_300K_W_mK - kr.kappa_300K_W_mK)
 
+    if args.modes or args.mode:
+        out["modes"] = _mode_scans(args, ref, calc, mode_reference)
+
     result = model.to_dict()
     out = {**result, **out, "seconds": time.perf_counter() - t0}
     print(_summary(result))
@@ -150,6 +168,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot_bands([model] + ([dft] if dft is not None else []), args.plot)
     return 0
+
+
+def _mode_scans(args: argparse.Namespace, ref: Any, calc: Any, mode_reference: Any) -> list[dict[str, Any]]:
+    """Frozen-phonon scans along the reference's imaginary modes (or --mode), printed and returned."""
+    from almd.phonons.modes import commensurate_modes, frozen_phonon_scan, plot_scans
+
+    modes = ([([float(x) for x in args.mode[:3]], int(args.mode[3]), None)] if args.mode
+             else commensurate_modes(ref.phonopy))
+    if not modes:
+        print("  modes: the reference has no imaginary mode at its supercell's q-points")
+    amplitudes = np.linspace(-args.mode_amplitude, args.mode_amplitude, args.mode_points)
+    scans = []
+    for q, band, _ in modes:
+        for label, c in ((args.calculator, calc), (args.mode_reference, mode_reference)):
+            if c is None:
+                continue
+            scan = frozen_phonon_scan(ref.phonopy, c, q, band, amplitudes, label=label)
+            scans.append(scan)
+            print(f"  mode q {q} band {band} ({scan.frequency_thz:.3f} THz in the reference), {label}: "
+                  f"depth {1e3 * scan.depth / scan.n_atoms:.3f} meV/atom, minimum at {scan.minimum_at:.3f} Å")
+    if args.modes_plot and scans:
+        plot_scans(scans, args.modes_plot)
+    return [s.to_dict() for s in scans]
 
 
 def _default(o: Any) -> Any:
