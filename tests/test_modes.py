@@ -53,3 +53,15 @@ def test_the_cli_scans_a_chosen_mode_against_the_shipped_reference(tmp_path, cap
     assert min(scan["energies_eV"]) >= 0.0 and scan["energies_eV"][2] == pytest.approx(0.0, abs=1e-12)
     assert main(["--calculator", "stillinger-weber-si", "--modes", "x.xyz"]) == 2
     assert "--modes / --mode need --reference" in capsys.readouterr().err
+
+
+def test_a_mode_scanned_in_a_smaller_cell_that_holds_it_gives_the_same_energy_per_atom(sw_phonons):
+    from almd.phonons.modes import in_smaller_cell
+
+    sw, ph = sw_phonons
+    small = in_smaller_cell(ph, [1, 1, 1])  # the 8-atom cubic cell holds X
+    big_scan = frozen_phonon_scan(ph, sw, [0.5, 0.0, 0.5], 0, amplitudes=[-0.01, 0.01])
+    small_scan = frozen_phonon_scan(small, sw, [0.5, 0.0, 0.5], 0, amplitudes=[-0.01, 0.01])
+    assert small_scan.n_atoms == 8 and small_scan.frequency_thz == pytest.approx(big_scan.frequency_thz, abs=1e-6)
+    # (X is doubly degenerate: the two cells may pick other partners in its plane, alike to harmonic order)
+    assert np.mean(small_scan.energies) / 8 == pytest.approx(np.mean(big_scan.energies) / 64, rel=1e-3)

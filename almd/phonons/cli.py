@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode-amplitude", type=float, default=0.3, help="largest atomic displacement scanned, Å (0.3)")
     p.add_argument("--mode-points", type=int, default=13, help="amplitudes scanned, from -A to +A (13)")
     p.add_argument("--mode-reference", help="also the energies of this calculator (e.g. gpaw-pw) along the modes")
+    p.add_argument("--mode-cell", type=int, nargs=3, metavar="N",
+                   help="scan in this smaller supercell of the reference's unit cell (its force constants folded "
+                        "onto it): where a DFT energy is affordable; only the modes it holds")
     p.add_argument("--modes-plot", help="write the energy-along-mode PNG here")
     p.add_argument("--json", dest="json_out", help="write results as JSON here")
     p.add_argument("--plot", help="write a band-structure PNG here")
@@ -172,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mode_scans(args: argparse.Namespace, ref: Any, calc: Any, mode_reference: Any) -> list[dict[str, Any]]:
     """Frozen-phonon scans along the reference's imaginary modes (or --mode), printed and returned."""
-    from almd.phonons.modes import commensurate_modes, frozen_phonon_scan, plot_scans
+    from almd.phonons.modes import commensurate_modes, frozen_phonon_scan, in_smaller_cell, plot_scans
 
+    phonon = in_smaller_cell(ref.phonopy, args.mode_cell) if args.mode_cell else ref.phonopy
     modes = ([([float(x) for x in args.mode[:3]], int(args.mode[3]), None)] if args.mode
-             else commensurate_modes(ref.phonopy))
+             else commensurate_modes(phonon))
     if not modes:
         print("  modes: the reference has no imaginary mode at its supercell's q-points")
     amplitudes = np.linspace(-args.mode_amplitude, args.mode_amplitude, args.mode_points)
@@ -184,7 +188,7 @@ def _mode_scans(args: argparse.Namespace, ref: Any, calc: Any, mode_reference: A
         for label, c in ((args.calculator, calc), (args.mode_reference, mode_reference)):
             if c is None:
                 continue
-            scan = frozen_phonon_scan(ref.phonopy, c, q, band, amplitudes, label=label)
+            scan = frozen_phonon_scan(phonon, c, q, band, amplitudes, label=label)
             scans.append(scan)
             print(f"  mode q {q} band {band} ({scan.frequency_thz:.3f} THz in the reference), {label}: "
                   f"depth {1e3 * scan.depth / scan.n_atoms:.3f} meV/atom, minimum at {scan.minimum_at:.3f} Å")

@@ -22,7 +22,7 @@ from ase import Atoms
 from almd.phonons.harmonic import to_ase_atoms
 
 __all__ = ["ModeScan", "atoms_along", "commensurate_modes", "frozen_phonon_scan", "harmonic_energy",
-           "mode_displacements", "plot_scans"]
+           "in_smaller_cell", "mode_displacements", "plot_scans"]
 
 #: amu · Å² · THz² in eV: E = ½ m (2πf)² x² in these units
 AMU_A2_THZ2_EV = 1.0364269e-4
@@ -66,6 +66,27 @@ def _in_primitive_units(phonon: Any) -> np.ndarray:
 def _commensurate(phonon: Any, qpoint: Sequence[float]) -> bool:
     scaled = _in_primitive_units(phonon) @ np.asarray(qpoint, float)  # q·T for every supercell vector T
     return bool(np.abs(scaled - np.round(scaled)).max() < 1e-6)
+
+
+def in_smaller_cell(phonon: Any, supercell_matrix: Sequence[int] | Sequence[Sequence[int]]) -> Any:
+    """The same force constants on a smaller commensurate supercell of the unit cell (folded,
+    :func:`almd.phonons.datasets.fold_force_constants`): its modes are exactly the big cell's at the
+    q-points both hold, so a mode can be scanned where a reference (DFT) energy is affordable.
+    """
+    from phonopy import Phonopy
+    from phonopy.harmonic.force_constants import compact_fc_to_full_fc
+
+    from almd.phonons.datasets import fold_force_constants
+    from almd.phonons.harmonic import supercell_matrix as as_matrix
+
+    small = Phonopy(phonon.unitcell, as_matrix(supercell_matrix), primitive_matrix=phonon.primitive_matrix)
+    fc = phonon.force_constants
+    if fc.shape[0] != fc.shape[1]:
+        fc = compact_fc_to_full_fc(phonon.primitive, fc)
+    n = len(small.supercell)
+    hessian = fold_force_constants(fc, to_ase_atoms(phonon.supercell), to_ase_atoms(small.supercell))
+    small.force_constants = hessian.reshape(n, 3, n, 3).swapaxes(1, 2)
+    return small
 
 
 def _phases(phonon: Any, qpoint: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
