@@ -26,6 +26,9 @@ def test_the_energy_along_a_mode_is_its_harmonic_energy_at_small_amplitude(sw_ph
     # the even part of E(A) is ½ω²Σm|Au|² (a cubic term, e.g. at Γ, is odd in A and cancels)
     assert np.mean(scan.energies) == pytest.approx(np.mean(harmonic), rel=2e-3)
     assert scan.depth == 0.0 and scan.minimum_at == 0.0 and scan.frequency_thz > 1.0
+    # a calculator factory (a fresh calculator per structure, as DFT codes need) gives the same energies
+    fresh = frozen_phonon_scan(ph, lambda: build_calculator("stillinger-weber-si"), qpoint, band, [-0.01, 0.01])
+    np.testing.assert_allclose(fresh.energies, scan.energies, rtol=1e-12)
 
 
 def test_patterns_are_real_periodic_and_scaled_and_a_non_commensurate_q_is_refused(sw_phonons):

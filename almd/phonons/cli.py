@@ -106,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode_points < 2 or not args.mode_amplitude > 0:
             raise ValueError(f"--mode-points = {args.mode_points}, --mode-amplitude = {args.mode_amplitude} are not "
                              "allowed; need >= 2 points and an amplitude > 0 Å")
-        mode_reference = resolve_calculator(args.mode_reference) if args.mode_reference else None
+        mode_reference = None
+        if args.mode_reference:
+            resolve_calculator(args.mode_reference)  # a bad name fails here, before any work
+
+            def mode_reference() -> Any:  # a fresh calculator per structure (GPAW keeps the first's symmetry)
+                return resolve_calculator(args.mode_reference)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"almd phonons: error: {exc}", file=sys.stderr)
         return 2

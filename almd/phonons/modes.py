@@ -138,7 +138,8 @@ def frozen_phonon_scan(phonon: Any, calculator: Any, qpoint: Sequence[float], ba
     """E(A) − E(0) (eV per supercell) of phonopy's supercell displaced by A (Å) along the mode.
 
     ``phonon`` gives the pattern (its force constants: the model's or the reference's);
-    ``calculator`` (any ASE calculator) the energies.
+    ``calculator`` the energies: an ASE calculator, or a function that returns a fresh one for
+    each structure (DFT codes such as GPAW keep the symmetry of the first structure they see).
     """
     pattern, frequency = mode_displacements(phonon, qpoint, band)
     ideal = to_ase_atoms(phonon.supercell)
@@ -146,7 +147,8 @@ def frozen_phonon_scan(phonon: Any, calculator: Any, qpoint: Sequence[float], ba
     for a in [0.0, *amplitudes]:
         atoms = ideal.copy()
         atoms.positions += a * pattern
-        atoms.calc = calculator
+        atoms.calc = calculator() if callable(calculator) and not hasattr(calculator, "get_potential_energy") \
+            else calculator
         energies.append(float(atoms.get_potential_energy()))
     return ModeScan([float(x) for x in qpoint], int(band), frequency, np.asarray(amplitudes, float),
                     np.asarray(energies[1:]) - energies[0], len(ideal), label)
