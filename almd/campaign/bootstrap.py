@@ -26,16 +26,12 @@ if TYPE_CHECKING:
 __all__ = ["bootstrap", "load_model", "mean_calculator", "unfitted_model", "walker_calculator"]
 
 
-def _lattice_dynamics(config: CampaignConfig) -> bool:
-    return config.model.kind == "lattice-dynamics"
-
-
 def unfitted_model(config: CampaignConfig, backbone: str) -> Any:
     """The campaign's model, not yet fitted or loaded: the ensemble on ``backbone``, or the
     lattice-dynamics expansion of the campaign's supercell.
     """
     m = config.model
-    if _lattice_dynamics(config):
+    if config.model.lattice_dynamics:
         from almd.uncertainty.lattice_dynamics import LatticeDynamicsModel
 
         return LatticeDynamicsModel(unit_structure(config), ideal_supercell(config), m.cutoffs, m.score)
@@ -46,7 +42,7 @@ def unfitted_model(config: CampaignConfig, backbone: str) -> Any:
 
 def load_model(config: CampaignConfig, path: Path) -> Any:
     """The model of a checkpoint file."""
-    if _lattice_dynamics(config):
+    if config.model.lattice_dynamics:
         from almd.uncertainty.lattice_dynamics import LatticeDynamicsModel
 
         return LatticeDynamicsModel.load(path)
@@ -57,7 +53,7 @@ def load_model(config: CampaignConfig, path: Path) -> Any:
 
 def walker_calculator(config: CampaignConfig, model: Any) -> Any:
     """A walker's calculator: the model's mean forces and the frame's score."""
-    if _lattice_dynamics(config):
+    if config.model.lattice_dynamics:
         return model.calculator()
     from almd.uncertainty import EnsembleCalculator
 
@@ -67,7 +63,7 @@ def walker_calculator(config: CampaignConfig, model: Any) -> Any:
 
 def mean_calculator(config: CampaignConfig, model: Any) -> Any:
     """The model's mean as a plain ASE calculator (phonons, parity)."""
-    if _lattice_dynamics(config):
+    if config.model.lattice_dynamics:
         return model.calculator()
     from almd.potentials.calculator import Calculator
 
@@ -105,7 +101,7 @@ def bootstrap(campaign: Campaign, model: Any) -> None:
         from almd.campaign.phonon_labels import bootstrap_phonons
 
         campaign.phonons, cells = bootstrap_phonons(campaign)
-        if _lattice_dynamics(cfg) and cells:  # the displaced cells are force-constant labels as they are
+        if cfg.model.lattice_dynamics and cells:  # the displaced cells are force-constant labels as they are
             model.fit(cells[1:], append=True)
 
 

@@ -77,6 +77,16 @@ class ModelConfig:
     subblock_steps: int = 200  #: MD steps of that test, at the walker's temperature (no reference call)
     subblock_frames: int = 8  #: frames of it whose sub-blocks are scored
 
+    @property
+    def lattice_dynamics(self) -> bool:
+        """The campaign learns the lattice-dynamics model, not an ensemble."""
+        return self.kind == "lattice-dynamics"
+
+    @property
+    def scored_every(self) -> int:
+        """MD steps between two scores the trigger gets (the lattice-dynamics score costs nothing: every step)."""
+        return 1 if self.lattice_dynamics else self.uncertainty_every
+
 
 @settings
 class ReferenceConfig:
@@ -202,7 +212,7 @@ class CampaignConfig(TomlSettings):
                       "need test_frames >= 0 and test_spacing >= 1")
         if not le.phonon_distance > 0:
             raise bad("learning.phonon_distance", le.phonon_distance, "must be > 0 Å")
-        if m.kind == "lattice-dynamics":
+        if m.lattice_dynamics:
             self._validate_lattice_dynamics()
         elif self.trigger.subblock_target is not None:
             raise bad("trigger.subblock_target", self.trigger.subblock_target,

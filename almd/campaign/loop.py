@@ -199,11 +199,6 @@ class Campaign:
                               "use a new run.output or the same campaign file to resume")
         return state
 
-    @property
-    def lattice_dynamics(self) -> bool:
-        """The campaign learns the Bayesian lattice-dynamics model, not an ensemble."""
-        return self.config.model.kind == "lattice-dynamics"
-
     def _model(self):
         """Rank 0 loads or builds (initial labels, first fit) the model; the others get its heads
         (the ensemble's readout heads, or the lattice-dynamics posterior).
@@ -254,8 +249,7 @@ class Campaign:
         if saved is not None:
             return Trigger.from_json(json.dumps(saved))
         cfg = self.config
-        scored_every = 1 if self.lattice_dynamics else cfg.model.uncertainty_every  # its score costs nothing
-        settings = cfg.trigger.for_run(cfg.run.steps, scored_every=scored_every)
+        settings = cfg.trigger.for_run(cfg.run.steps, scored_every=cfg.model.scored_every)
         return Trigger(settings, stationary_from=cfg.walker_settings(k).schedule_steps)
 
     # ------------------------------------------------------------ learning (rank 0)
