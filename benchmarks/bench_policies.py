@@ -32,7 +32,8 @@ Stillinger–Weber run at the top temperature (made here, seeded). Target:
 almd reaches the per-frame policy's final held-out error with at most half its
 calls (the printed ratio). With ``--flare PYTHON`` (FLARE built with
 ``../shared/peers/flare/build.sh``), FLARE's own OTF runs on the same system
-at 300 K and its calls and held-out error are printed beside them.
+(``otf_si.py`` at 300 K; with ``--ramp``, ``benchmarks/flare_ramp.py``: the same
+settings on the same ramp) and its calls and held-out errors are printed beside them.
 
     python benchmarks/bench_policies.py [--steps 300] [--top 900] [--ramp 0] [--budget 20]
         [--policies almd,per-frame,...] [--uncertainty-every 2] [--finetune 0] [--flare DIR/venv/bin/python]
@@ -227,19 +228,28 @@ def calls_to_reach(curve: list[dict], error: float, key: str) -> int | None:
 
 
 def run_flare(python: str, args: argparse.Namespace) -> dict | None:
-    script = FLARE_DIR / "otf_si.py"
-    work = Path(args.out) / "flare"
+    """FLARE's OTF on the same system: its own script at 300 K, ``flare_ramp.py`` on a ramp."""
+    work = (Path(args.out) / ("flare-ramp" if args.ramp else "flare")).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.ramp:
+        top = Path(args.out).resolve() / f"heldout_sw_{args.top}K.xyz"
+        command = [python, str(ROOT / "benchmarks" / "flare_ramp.py"), "--steps", str(args.steps),
+                   "--ramp", str(args.ramp), "--top", str(args.top),
+                   "--heldout", f"300K={FLARE_DIR / 'heldout_sw_300K.xyz'}", "--heldout", f"{args.top}K={top}"]
+    else:
+        command = [python, str(FLARE_DIR / "otf_si.py"), "--steps", str(args.steps), "--name", "si"]
     t0 = time.perf_counter()
-    done = subprocess.run([python, str(script), "--steps", str(args.steps), "--name", "si"], cwd=work,
-                          capture_output=True, text=True)
+    done = subprocess.run(command, cwd=work, capture_output=True, text=True)
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode != 0 or not line:
         print(f"FLARE failed (rc {done.returncode}): {done.stderr[-500:]}")
         return None
     res = json.loads(line[0][len("RESULT "):])
+    final = {"calls": res["dft_calls"], "300K": res.get("300K", res.get("force_rmse_eV_A"))}
+    if f"{args.top}K" in res:
+        final[f"{args.top}K"] = res[f"{args.top}K"]
     return {"policy": "FLARE (its OTF)", "calls": res["dft_calls"], "wall_s": round(time.perf_counter() - t0, 1),
-            "final": {"calls": res["dft_calls"], "300K": res.get("force_rmse_eV_A")}}
+            "final": final}
 
 
 def main(argv: list[str] | None = None) -> int:
