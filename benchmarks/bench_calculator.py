@@ -13,7 +13,11 @@ With ``--npt STEPS`` it times MTK NPT MD steps instead (SevenNet-0, 64-atom Si a
 with no skin (a list rebuilt at every step: what any cell change forced before the
 skin followed the cell), and prints how often each rebuilt its list.
 
-    python benchmarks/bench_calculator.py [--calls 10] [--threads 2] [--sizes 2 3 4] [--npt 0]
+With ``--compile`` almd's calculator with ``compile=True`` (``torch.compile`` of the
+network, compiled once on the first call, whose time is printed) is timed beside them
+in the same passes, with its ratio over sevenn's and its time per atom.
+
+    python benchmarks/bench_calculator.py [--calls 10] [--threads 2] [--sizes 2 3 4] [--compile] [--npt 0]
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 4],
                         help="conventional-cell repeats (2: 64 atoms, 3: 216, 4: 512, 5: 1000)")
     parser.add_argument("--npt", type=int, default=0, help="time this many NPT MD steps instead")
+    parser.add_argument("--compile", action="store_true", help="also time almd.Calculator(compile=True)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.npt:
@@ -91,22 +96,32 @@ def main() -> None:
     ours, theirs = almd.Calculator("sevennet-0"), SevenNetCalculator("7net-0")
     # the same model with e3nn's graphs as generated (almd.potentials.e3nn_graphs not applied)
     plain = almd.Calculator(SevenNet.from_checkpoint("sevennet-0", streamlined=False))
+    compiled = almd.Calculator("sevennet-0", compile=True) if args.compile else None
+    if compiled is not None:
+        atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(args.sizes[0])
+        start = time.perf_counter()
+        time_calls(compiled, atoms, 0)  # the warm-up call compiles
+        print(f"compile (first call, {len(atoms)} atoms): {time.perf_counter() - start:.1f} s")
     print(f"threads={args.threads} calls={args.calls} dtype=float32, get_forces() + get_stress() per call")
+    extra = " almd compiled s/call | ratio sevenn/compiled | compiled ms/atom |" if compiled else ""
     print("| atoms | almd s/call | sevenn s/call | ratio sevenn/almd | almd unstreamlined s/call | ratio "
-          "unstreamlined/almd | almd ms/atom |")
-    print("|---|---|---|---|---|---|---|")
+          f"unstreamlined/almd | almd ms/atom |{extra}")
+    print("|---|---|---|---|---|---|---|" + ("---|---|---|" if compiled else ""))
     for reps in args.sizes:
         atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(reps)
         atoms.rattle(0.02, seed=1)
         # interleaved, best of two each, to share any drift in machine load fairly
-        t_ours, t_theirs, t_plain = [], [], []
+        times: dict[str, list[float]] = {"ours": [], "theirs": [], "plain": [], "compiled": []}
         for seed in (0, 1):
-            t_ours.append(time_calls(ours, atoms, args.calls, seed))
-            t_theirs.append(time_calls(theirs, atoms, args.calls, seed))
-            t_plain.append(time_calls(plain, atoms, args.calls, seed))
-        a, b, c = min(t_ours), min(t_theirs), min(t_plain)
-        print(f"| {len(atoms)} | {a:.4f} | {b:.4f} | {b / a:.2f} | {c:.4f} | {c / a:.2f} | {1e3 * a / len(atoms):.3f} |",
-              flush=True)
+            for name, calc in (("ours", ours), ("theirs", theirs), ("plain", plain), ("compiled", compiled)):
+                if calc is not None:
+                    times[name].append(time_calls(calc, atoms, args.calls, seed))
+        a, b, c = min(times["ours"]), min(times["theirs"]), min(times["plain"])
+        row = f"| {len(atoms)} | {a:.4f} | {b:.4f} | {b / a:.2f} | {c:.4f} | {c / a:.2f} | {1e3 * a / len(atoms):.3f} |"
+        if compiled is not None:
+            d = min(times["compiled"])
+            row += f" {d:.4f} | {b / d:.2f} | {1e3 * d / len(atoms):.3f} |"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ timed and the process's resident memory (``/proc/self/statm``) sampled.
 Printed: the convergence step, ``fraction_steps_without_oracle`` (target ≥
 0.995), and the time per MD step and the resident memory in the last 10 % of the
 steps against the first 10 % after convergence (target: within 20 %; the ratio is
-last / first). Figures go to ``OUT/soak.json``.
+last / first), the median step time of each tenth of the run, and how much of it is
+spent in the walkers' calculator (the model). Figures go to ``OUT/soak.json``.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_soak.py [--steps 10000] [--supercell 1] [--out bench-out/soak]
 """
@@ -36,17 +37,31 @@ def resident_mib() -> float:
 
 
 class TimedCampaign(Campaign):
-    """The campaign with each round's wall time and the resident memory after it recorded."""
+    """The campaign with each round's wall time, the part of it inside the walkers' calculator
+    (the model: forces and spread) and the resident memory after it recorded.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.samples: list[tuple[int, float, float]] = []  # (step, s, MiB)
+        self.samples: list[tuple[int, float, float, float]] = []  # (step, s, MiB, calculator s)
+        self._in_model = 0.0
+        for walker in self.walkers.values():
+            calculate = walker.calculator.calculate
+
+            def timed(*a, _calculate=calculate, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _calculate(*a, **k)
+                finally:
+                    self._in_model += time.perf_counter() - t0
+
+            walker.calculator.calculate = timed
 
     def _round(self):
-        t0 = time.perf_counter()
+        t0, self._in_model = time.perf_counter(), 0.0
         rows, busy = super()._round()
         if rows:
-            self.samples.append((rows[0]["step"], time.perf_counter() - t0, resident_mib()))
+            self.samples.append((rows[0]["step"], time.perf_counter() - t0, resident_mib(), self._in_model))
         return rows, busy
 
 
@@ -87,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             "rss_mib_first": float(np.median(first[:, 2])), "rss_mib_last": float(np.median(last[:, 2]))})
         report["step_time_ratio"] = report["step_s_last"] / report["step_s_first"]
         report["rss_ratio"] = report["rss_mib_last"] / report["rss_mib_first"]
+        report["model_share_of_step"] = float(np.median(samples[:, 3] / samples[:, 1]))
+    # the step time's course: is a change a trend of almd's or the machine's load?
+    blocks = range(0, len(samples), tenth)
+    report["step_s_by_tenth"] = [round(float(np.median(samples[i:i + tenth, 1])), 4) for i in blocks]
+    report["model_s_by_tenth"] = [round(float(np.median(samples[i:i + tenth, 3])), 4) for i in blocks]
     print(json.dumps(report, indent=1))
     (out / "soak.json").write_text(json.dumps(report, indent=1))
     del result

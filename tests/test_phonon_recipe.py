@@ -33,6 +33,7 @@ def test_the_recipe_moves_silicon_phonons_towards_the_dft(tmp_path):
     (["--phonon", "missing.yaml"], "phonon data not found: missing.yaml"),
     (["--phonon", str(SI), "--fold", "2,x,2"], "--fold = '2,x,2' is not allowed"),
     (["--phonon", str(SI), "--budget", "0"], "--budget = 0.0 is not allowed"),
+    (["--phonon", str(SI), "--kappa", "0", "11", "11"], "--kappa = [0, 11, 11] is not allowed"),
 ])
 def test_bad_recipe_arguments_are_one_line_and_train_nothing(tmp_path, capsys, argv, message):
     assert main([*argv, "--output", str(tmp_path / "out")]) == 2

@@ -7,7 +7,9 @@ constants are folded onto a smaller commensurate supercell (:func:`auto_fold`): 
 of the same force constants at the small cell's q-points, at a fraction of the cost per
 column. The kept model is the best on the validation columns (fixed before the run).
 Afterwards the phonons of the base and the kept model are compared with the data set's
-own (its displacements, at the DFT geometry): ``OUTPUT/phonon_report.json``.
+own (its displacements, at the DFT geometry): ``OUTPUT/phonon_report.json``. With ``kappa``
+(a phono3py data set) the report also gives κ(300 K) of the data, the base and the kept model,
+each from its own forces on the data's displaced supercells (phono3py, RTA).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 
 from almd.finetune.config import FinetuneConfig
 
-__all__ = ["RECIPE", "auto_fold", "phonon_recipe", "run_phonon_recipe"]
+__all__ = ["RECIPE", "auto_fold", "kappa_300K", "phonon_recipe", "run_phonon_recipe"]
 
 #: the recipe's settings file (copy it to change them)
 RECIPE = Path(__file__).resolve().parent.parent / "data" / "phonon_recipe.toml"
@@ -90,14 +92,35 @@ def phonon_errors(dataset: str | Path, model: Any) -> dict[str, float]:
     return {k: float(errors[k]) for k in METRICS if k in errors}
 
 
+def kappa_300K(dataset: str | Path, model: Any | None, mesh: Sequence[int]) -> float:
+    """κ(300 K) in W/m·K from a model's forces (None: the data's own) on the data's third-order supercells."""
+    from almd.phonons.kappa import kappa
+    from almd.phonons.reference import as_reference
+    from almd.potentials.calculator import Calculator
+
+    return kappa(as_reference(str(dataset)), None if model is None else Calculator(model), mesh=mesh).kappa_300K_W_mK
+
+
 def run_phonon_recipe(dataset: str | Path, budget: float, output: str | Path,
-                      fold: str | Sequence[int] = "auto", steps: int | None = None) -> dict[str, Any]:
+                      fold: str | Sequence[int] = "auto", steps: int | None = None,
+                      kappa_mesh: Sequence[int] | None = None) -> dict[str, Any]:
     """Fine-tune on ``dataset`` with the recipe, then report the phonon errors of the base and
     the kept model (written to ``OUTPUT/phonon_report.json`` and returned).
+
+    ``kappa_mesh`` (3 ints): also κ(300 K) on that q-mesh, of the data, the base and the kept
+    model (``kappa_300K_W_mK``); the data set must hold phono3py's third-order displacements.
     """
     from almd.finetune.trainer import Finetuner
     from almd.io import atomic_write
+    from almd.settings import bad
 
+    if kappa_mesh is not None:  # before the training: a data set without fc3 data cannot give κ
+        from almd.phonons.reference import as_reference
+
+        if len(kappa_mesh) != 3 or min(kappa_mesh) < 1:
+            raise bad("--kappa", list(kappa_mesh), "three positive ints (the q-mesh)")
+        if as_reference(str(dataset)).phono3py is None:
+            raise bad("--kappa", str(dataset), "a phono3py data set (its third-order displacements and forces)")
     cfg = phonon_recipe(dataset, budget, output, fold, steps)
     start = time.perf_counter()
     result = Finetuner(cfg).fit()
@@ -108,5 +131,10 @@ def run_phonon_recipe(dataset: str | Path, budget: float, output: str | Path,
               "validation": {"before": result.initial_validation, "best": result.best_validation},
               "base": phonon_errors(dataset, cfg.model.name),
               "final": phonon_errors(dataset, str(result.model_path))}
+    if kappa_mesh is not None:
+        report["kappa_mesh"] = list(kappa_mesh)
+        report["kappa_300K_W_mK"] = {"data": kappa_300K(dataset, None, kappa_mesh),
+                                     "base": kappa_300K(dataset, cfg.model.name, kappa_mesh),
+                                     "final": kappa_300K(dataset, str(result.model_path), kappa_mesh)}
     atomic_write(Path(output) / "phonon_report.json", json.dumps(report, indent=1))
     return report

@@ -100,6 +100,9 @@ class Calculator(AseCalculator):
     skin: neighbour-list skin in Å; 0 rebuilds the list on every call.
     allow_pickle: read a model file that needs full unpickling (a MACE model file); only
         for files you trust, as unpickling can run code (see almd.potentials.files).
+    compile: run energy, forces and stress through ``torch.compile`` (SevenNet backbones).
+        The first call compiles (about 1.5 min on 2 cores); it pays off in long MD of
+        large cells (benchmarks/RESULTS.md). Hessians stay on the eager model.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -111,6 +114,7 @@ class Calculator(AseCalculator):
         dtype: str | torch.dtype = "float32",
         skin: float = 0.5,
         allow_pickle: bool = False,
+        compile: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -124,6 +128,7 @@ class Calculator(AseCalculator):
         for p in self.potential.parameters():
             p.requires_grad_(False)  # inference: no parameter gradients in MD
         self.neighbors = NeighborCache(self.potential.cutoff, skin)
+        self._inference = self.potential.compiled() if compile else self.potential
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -132,7 +137,7 @@ class Calculator(AseCalculator):
         want_stress = bool(atoms.pbc.all())  # same backward as the forces: ASE asks for it next
         graph = build_graph(atoms, self.potential.cutoff, self.dtype, self.device,
                             pairs=[self.neighbors.get(atoms)])
-        out = potentials.energy_forces_stress(self.potential, graph, forces=True, stress=want_stress)
+        out = potentials.energy_forces_stress(self._inference, graph, forces=True, stress=want_stress)
         energy = float(out["energy"].detach().sum())
         self.results = {
             "energy": energy,

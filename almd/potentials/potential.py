@@ -85,6 +85,14 @@ class Potential(nn.Module):
         raise NotImplementedError(f"ensemble heads exist for backbones sevennet, mace; got {self.backbone_name!r} "
                                   f"({type(self).__name__})")
 
+    def compiled(self) -> "Potential":
+        """A twin of the potential with its network compiled by ``torch.compile`` (parameters shared).
+
+        For energy, force and stress calls only: the compiled graph has no double
+        backward, so Hessians and training use the eager potential.
+        """
+        raise NotImplementedError(f"{type(self).__name__}: no compiled form for this backbone")
+
     def add_energy_shifts(self, shifts: dict[int, float]) -> None:
         """Add s_Z (eV) to the per-element energy of each atomic number Z (in place; saved with the model)."""
         raise NotImplementedError(f"{type(self).__name__}: no per-element energy to shift")

@@ -105,6 +105,14 @@ class SevenNet(Potential):
         out = self.model(data)
         return out[KEY.ATOMIC_ENERGY].squeeze(-1)
 
+    def compiled(self) -> "SevenNet":
+        """See :meth:`Potential.compiled`: sevenn's network through inductor, shapes dynamic
+        (atom and edge counts change from call to call without a recompile).
+        """
+        twin = copy.copy(self)
+        twin._modules = {**self._modules, "model": torch.compile(self.model, dynamic=True)}
+        return twin
+
     def export(self) -> dict:
         # deep-copied sevenn models carry fx-codegen constants that a fresh build lacks
         sd = {k: v for k, v in self.model.state_dict().items() if "._tensor_constant" not in k}
