@@ -18,6 +18,7 @@ def test_the_fold_halves_even_directions_of_the_data_supercell():
     assert auto_fold(SI) == [1, 1, 1]  # the 2x2x2 conventional supercell onto the 8-atom cell
     cfg = phonon_recipe(SI, 60.0, "out", fold="none")
     assert cfg.data.phonon_fold == [] and cfg.run.budget == 60.0 and cfg.data.phonon == [str(SI)]
+    assert cfg.run.seed == 0 and phonon_recipe(SI, 60.0, "out", seed=3).run.seed == 3
 
 
 def test_the_recipe_moves_silicon_phonons_towards_the_dft(tmp_path):

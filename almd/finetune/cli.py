@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--kappa", type=int, nargs=3, metavar="N",
                    help="--phonon on a phono3py data set: also κ(300 K) on this q-mesh (e.g. 11 11 11) of the "
                         "data, the base and the fine-tuned model")
+    p.add_argument("--seed", type=int, help="--phonon: the seed of the column draws (default: the recipe's, 0)")
     p.add_argument("--fold", default="auto",
                    help="--phonon: fold the labels onto a smaller supercell: auto (halve even directions), "
                         "none, or n1,n2,n3")
@@ -64,7 +65,8 @@ def _phonon_recipe(args: argparse.Namespace) -> int:
             return 2
     try:
         report = run_phonon_recipe(args.phonon, 60.0 * args.budget, args.output or "finetune-phonon", fold,
-                                   steps=args.steps, kappa_mesh=args.kappa)
+                                   steps=args.steps, kappa_mesh=args.kappa,
+                                   seed=args.seed)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"almd finetune: error: {exc}")
         return 2

@@ -54,7 +54,8 @@ def auto_fold(dataset: str | Path) -> list[int]:
 
 
 def phonon_recipe(dataset: str | Path, budget: float, output: str | Path,
-                  fold: str | Sequence[int] = "auto", steps: int | None = None) -> FinetuneConfig:
+                  fold: str | Sequence[int] = "auto", steps: int | None = None,
+                  seed: int | None = None) -> FinetuneConfig:
     """The recipe's settings for ``dataset`` (phonopy / phono3py yaml or folder).
 
     Parameters
@@ -65,6 +66,8 @@ def phonon_recipe(dataset: str | Path, budget: float, output: str | Path,
         The supercell of the data set's unit cell the labels are folded onto (see :func:`auto_fold`).
     steps : int, optional
         The most training steps (the recipe's own: more than the budget allows).
+    seed : int, optional
+        The seed of the column draws (the recipe's own: 0).
     """
     from almd.settings import bad
 
@@ -78,7 +81,8 @@ def phonon_recipe(dataset: str | Path, budget: float, output: str | Path,
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, phonon=[str(dataset)], phonon_fold=list(fold)),
         run=dataclasses.replace(cfg.run, budget=float(budget), output=str(output),
-                                steps=cfg.run.steps if steps is None else steps))
+                                steps=cfg.run.steps if steps is None else steps,
+                                seed=cfg.run.seed if seed is None else seed))
     cfg.validate()
     return cfg
 
@@ -103,7 +107,7 @@ def kappa_300K(dataset: str | Path, model: Any | None, mesh: Sequence[int]) -> f
 
 def run_phonon_recipe(dataset: str | Path, budget: float, output: str | Path,
                       fold: str | Sequence[int] = "auto", steps: int | None = None,
-                      kappa_mesh: Sequence[int] | None = None) -> dict[str, Any]:
+                      kappa_mesh: Sequence[int] | None = None, seed: int | None = None) -> dict[str, Any]:
     """Fine-tune on ``dataset`` with the recipe, then report the phonon errors of the base and
     the kept model (written to ``OUTPUT/phonon_report.json`` and returned).
 
@@ -121,11 +125,11 @@ def run_phonon_recipe(dataset: str | Path, budget: float, output: str | Path,
             raise bad("--kappa", list(kappa_mesh), "three positive ints (the q-mesh)")
         if as_reference(str(dataset)).phono3py is None:
             raise bad("--kappa", str(dataset), "a phono3py data set (its third-order displacements and forces)")
-    cfg = phonon_recipe(dataset, budget, output, fold, steps)
+    cfg = phonon_recipe(dataset, budget, output, fold, steps, seed)
     start = time.perf_counter()
     result = Finetuner(cfg).fit()
     trained = time.perf_counter() - start
-    report = {"dataset": str(dataset), "fold": cfg.data.phonon_fold, "budget_s": cfg.run.budget,
+    report = {"dataset": str(dataset), "fold": cfg.data.phonon_fold, "budget_s": cfg.run.budget, "seed": cfg.run.seed,
               "train_s": round(trained, 1), "steps": result.steps_done, "best_step": result.best_step,
               "stop_reason": result.stop_reason, "model": str(result.model_path),
               "validation": {"before": result.initial_validation, "best": result.best_validation},
