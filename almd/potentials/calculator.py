@@ -101,7 +101,7 @@ class Calculator(AseCalculator):
     allow_pickle: read a model file that needs full unpickling (a MACE model file); only
         for files you trust, as unpickling can run code (see almd.potentials.files).
     compile: run energy, forces and stress through ``torch.compile`` (SevenNet backbones).
-        The first call compiles (about 1.5 min on 2 cores); it pays off in long MD of
+        The first call compiles (2.7 min on 2 cores, seconds from inductor's cache); it pays off in long MD of
         large cells (benchmarks/RESULTS.md). Hessians stay on the eager model.
     """
 
