@@ -18,11 +18,14 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from almd.finetune.config import FinetuneConfig
+
+if TYPE_CHECKING:
+    from almd.phonons.reference import PhononReference
 
 __all__ = ["RECIPE", "auto_fold", "kappa_300K", "phonon_recipe", "run_phonon_recipe"]
 
@@ -87,22 +90,21 @@ def phonon_recipe(dataset: str | Path, budget: float, output: str | Path,
     return cfg
 
 
-def phonon_errors(dataset: str | Path, model: Any) -> dict[str, float]:
+def phonon_errors(dataset: str | Path | PhononReference, model: Any) -> dict[str, float]:
     """A model's phonon errors against ``dataset`` (its own displacements; K, kJ/mol, J/K/mol, THz)."""
     from almd.phonons.reference import phonons_vs_reference
     from almd.potentials.calculator import Calculator
 
-    _, _, errors = phonons_vs_reference(str(dataset), Calculator(model))
+    _, _, errors = phonons_vs_reference(dataset, Calculator(model))
     return {k: float(errors[k]) for k in METRICS if k in errors}
 
 
-def kappa_300K(dataset: str | Path, model: Any | None, mesh: Sequence[int]) -> float:
+def kappa_300K(reference: PhononReference, model: Any | None, mesh: Sequence[int]) -> float:
     """κ(300 K) in W/m·K from a model's forces (None: the data's own) on the data's third-order supercells."""
     from almd.phonons.kappa import kappa
-    from almd.phonons.reference import as_reference
     from almd.potentials.calculator import Calculator
 
-    return kappa(as_reference(str(dataset)), None if model is None else Calculator(model), mesh=mesh).kappa_300K_W_mK
+    return kappa(reference, None if model is None else Calculator(model), mesh=mesh).kappa_300K_W_mK
 
 
 def run_phonon_recipe(dataset: str | Path, budget: float, output: str | Path,
@@ -116,16 +118,16 @@ def run_phonon_recipe(dataset: str | Path, budget: float, output: str | Path,
     """
     from almd.finetune.trainer import Finetuner
     from almd.io import atomic_write
+    from almd.phonons.reference import as_reference
     from almd.settings import bad
 
-    if kappa_mesh is not None:  # before the training: a data set without fc3 data cannot give κ
-        from almd.phonons.reference import as_reference
-
-        if len(kappa_mesh) != 3 or min(kappa_mesh) < 1:
-            raise bad("--kappa", list(kappa_mesh), "three positive ints (the q-mesh)")
-        if as_reference(str(dataset)).phono3py is None:
-            raise bad("--kappa", str(dataset), "a phono3py data set (its third-order displacements and forces)")
     cfg = phonon_recipe(dataset, budget, output, fold, steps, seed)
+    reference = as_reference(str(dataset))  # read once: the errors and every κ are computed on it
+    # before the training: a data set without fc3 data cannot give κ
+    if kappa_mesh is not None and (len(kappa_mesh) != 3 or min(kappa_mesh) < 1):
+        raise bad("--kappa", list(kappa_mesh), "three positive ints (the q-mesh)")
+    if kappa_mesh is not None and reference.phono3py is None:
+        raise bad("--kappa", str(dataset), "a phono3py data set (its third-order displacements and forces)")
     start = time.perf_counter()
     result = Finetuner(cfg).fit()
     trained = time.perf_counter() - start
@@ -133,12 +135,11 @@ def run_phonon_recipe(dataset: str | Path, budget: float, output: str | Path,
               "train_s": round(trained, 1), "steps": result.steps_done, "best_step": result.best_step,
               "stop_reason": result.stop_reason, "model": str(result.model_path),
               "validation": {"before": result.initial_validation, "best": result.best_validation},
-              "base": phonon_errors(dataset, cfg.model.name),
-              "final": phonon_errors(dataset, str(result.model_path))}
+              "base": phonon_errors(reference, cfg.model.name),
+              "final": phonon_errors(reference, str(result.model_path))}
     if kappa_mesh is not None:
         report["kappa_mesh"] = list(kappa_mesh)
-        report["kappa_300K_W_mK"] = {"data": kappa_300K(dataset, None, kappa_mesh),
-                                     "base": kappa_300K(dataset, cfg.model.name, kappa_mesh),
-                                     "final": kappa_300K(dataset, str(result.model_path), kappa_mesh)}
+        report["kappa_300K_W_mK"] = {name: kappa_300K(reference, model, kappa_mesh) for name, model in
+                                     (("data", None), ("base", cfg.model.name), ("final", str(result.model_path)))}
     atomic_write(Path(output) / "phonon_report.json", json.dumps(report, indent=1))
     return report
